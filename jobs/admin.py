@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import os
+
+from django.contrib import admin, messages
+from django.utils.html import format_html
+
+from jobs.models import ApiToken, Attempt, Job, JobEvent, ModelPrice, Provider, Workload
+
+
+class ModelPriceInline(admin.TabularInline):
+    model = ModelPrice
+    extra = 1
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "base_url", "api_key_status", "max_concurrency", "is_active"]
+    list_filter = ["kind", "is_active"]
+    search_fields = ["name", "base_url"]
+    inlines = [ModelPriceInline]
+    readonly_fields = ["api_key_status"]
+
+    @admin.display(description="API key")
+    def api_key_status(self, obj: Provider) -> str:
+        # Only whether the variable is set is ever shown, never its value.
+        if not obj.api_key_env:
+            return "not required"
+        if os.environ.get(obj.api_key_env):
+            return f"set ({obj.api_key_env})"
+        return format_html(
+            '<strong style="color:#c0392b">missing: {} is not set</strong>', obj.api_key_env
+        )
+
+
+@admin.register(Workload)
+class WorkloadAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "provider", "model", "default_priority", "is_paused"]
+    list_filter = ["kind", "provider", "is_paused"]
+    search_fields = ["name", "description"]
+    actions = ["pause", "resume"]
+
+    @admin.action(description="Pause selected workloads")
+    def pause(self, request, queryset) -> None:
+        queryset.update(is_paused=True)
+
+    @admin.action(description="Resume selected workloads")
+    def resume(self, request, queryset) -> None:
+        queryset.update(is_paused=False)
+
+
+class AttemptInline(admin.TabularInline):
+    model = Attempt
+    extra = 0
+    can_delete = False
+    fields = ["number", "provider", "model", "http_status", "tokens_in", "tokens_out", "cost"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class JobEventInline(admin.TabularInline):
+    model = JobEvent
+    extra = 0
+    can_delete = False
+    fields = ["created_at", "actor", "from_status", "to_status", "reason"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = ["code", "workload", "status", "priority", "attempt_count", "cost_actual"]
+    list_filter = ["status", "priority", "workload"]
+    search_fields = ["=code", "input_text"]
+    date_hierarchy = "created_at"
+    inlines = [AttemptInline, JobEventInline]
+    # Status only changes through services (compare-and-set + audit event), never by a form.
+    readonly_fields = [f.name for f in Job._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(Attempt)
+class AttemptAdmin(admin.ModelAdmin):
+    """The cost ledger is append-only."""
+
+    list_display = ["job", "number", "provider", "model", "http_status", "error_class", "cost"]
+    list_filter = ["provider", "error_class"]
+    date_hierarchy = "started_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "prefix", "created_at", "last_used_at"]
+    search_fields = ["name", "user__username"]
+    fields = ["user", "name", "prefix", "created_at", "last_used_at"]
+    readonly_fields = ["prefix", "created_at", "last_used_at"]
+
+    def save_model(self, request, obj: ApiToken, form, change) -> None:
+        if not change:
+            key = obj.set_new_key()
+            messages.warning(
+                request,
+                f"API token created: {key} — copy it now; it is not stored and will not be "
+                "shown again.",
+            )
+        super().save_model(request, obj, form, change)

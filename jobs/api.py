@@ -1,0 +1,121 @@
+"""JSON API for programs: POST /api/jobs, GET /api/jobs/<code>.
+
+Auth: `Authorization: Bearer <token>` (an ApiToken made in the admin), or the browser session.
+Token requests are exempt from CSRF (no cookie is involved); session requests are not.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from functools import wraps
+
+from django.contrib.auth.decorators import login_not_required
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from jobs import services
+from jobs.models import ApiToken, Job, Workload
+from jobs.views import visible_jobs
+
+
+def error(status: int, message: str, **extra) -> JsonResponse:
+    return JsonResponse({"error": message, **extra}, status=status)
+
+
+def api_auth(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    @login_not_required
+    @csrf_exempt
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            token = (
+                ApiToken.objects.select_related("user")
+                .filter(digest=ApiToken.hash_key(header[7:].strip()), user__is_active=True)
+                .first()
+            )
+            if token is None:
+                return error(401, "Invalid API token.")
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+            request.user = token.user
+        elif request.user.is_authenticated:
+            rejected = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
+                request, None, (), {}
+            )
+            if rejected is not None:
+                return error(403, "CSRF check failed.")
+        else:
+            return error(401, "Authentication required: send 'Authorization: Bearer <token>'.")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+def job_json(request: HttpRequest, job: Job) -> dict:
+    return {
+        "code": str(job.code),
+        "url": request.build_absolute_uri(job.get_absolute_url()),
+        "api_url": request.build_absolute_uri(f"/api/jobs/{job.code}"),
+        "workload": job.workload.name,
+        "status": job.status,
+        "priority": job.priority,
+        "stage": job.stage,
+        "progress_percent": job.progress_percent,
+        "output": job.output_text if job.status == Job.Status.SUCCEEDED else None,
+        "confidence": job.confidence,
+        "error": job.error or None,
+        "attempts": job.attempt_count,
+        "cost_usd": str(job.cost_actual),
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }
+
+
+@require_POST
+@api_auth
+def submit(request: HttpRequest) -> HttpResponse:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return error(400, "Body must be a JSON object.")
+    if not isinstance(body, dict):
+        return error(400, "Body must be a JSON object.")
+    workload_ref = body.get("workload")
+    input_text = body.get("input")
+    if not workload_ref:
+        return error(400, "Field 'workload' is required (its name or id).")
+    if not isinstance(input_text, str):
+        return error(400, "Field 'input' is required and must be a string.")
+    lookup = {"pk": workload_ref} if isinstance(workload_ref, int) else {"name": workload_ref}
+    workload = Workload.objects.select_related("provider").filter(**lookup).first()
+    if workload is None:
+        return error(400, f"Unknown workload {workload_ref!r}.")
+    key = request.headers.get("Idempotency-Key") or body.get("idempotency_key") or ""
+    try:
+        job, created = services.do_submit_job(
+            workload=workload,
+            input_text=input_text,
+            user=request.user,
+            priority=str(body.get("priority") or ""),
+            idempotency_key=str(key),
+        )
+    except services.SubmitError as exc:
+        return error(400, str(exc))
+    response = JsonResponse(job_json(request, job), status=202 if created else 200)
+    response["Location"] = job.get_absolute_url()
+    return response
+
+
+@require_GET
+@api_auth
+def detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
+    job = visible_jobs(request.user).filter(code=code).first()
+    if job is None:
+        return error(404, "No such job.")
+    return JsonResponse(job_json(request, job))

@@ -1,0 +1,83 @@
+"""The Redis side of a job: its RQ entry, with a deterministic id (`job-<code>`).
+
+Redis is a cache of "what to run next", rebuilt from the database by the reconciler. So an
+enqueue that fails (Redis down, restarted, wiped) is logged, not raised: the job row already
+says queued and the reconciler will enqueue it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import django_rq
+import redis
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+
+from jobs.models import Job
+
+log = logging.getLogger(__name__)
+
+TASK = "jobs.tasks.run_job"
+# RQ's own timeout is a last resort above the workload's timeout: the provider call has its
+# own, shorter, read timeout and the runner finishes the job itself.
+RQ_TIMEOUT_MARGIN_S = 30
+# RQ states in which the job will still be picked up without our help.
+LIVE_RQ_STATES = frozenset(
+    {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+)
+
+
+def connection() -> redis.Redis:
+    return django_rq.get_connection("default")
+
+
+def enqueue(job: Job) -> bool:
+    try:
+        queue = django_rq.get_queue(job.priority)
+        queue.enqueue(
+            TASK,
+            str(job.code),
+            job_id=job.rq_job_id,
+            job_timeout=job.workload.timeout_s + RQ_TIMEOUT_MARGIN_S,
+            result_ttl=0,
+            failure_ttl=24 * 3600,
+            description=f"{job.workload.name} {job.code}",
+        )
+    except redis.RedisError as exc:
+        log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
+        return False
+    return True
+
+
+def remove(job: Job) -> None:
+    """Drop a job's pending RQ entry (cancelled, expired). A running one is left to finish."""
+    try:
+        rq_job = RQJob.fetch(job.rq_job_id, connection=connection())
+    except Exception:  # noqa: BLE001 - missing or unreadable: nothing to remove
+        return
+    try:
+        if rq_job.get_status(refresh=False) in {JobStatus.QUEUED, JobStatus.SCHEDULED}:
+            rq_job.cancel()
+            rq_job.delete()
+    except redis.RedisError as exc:
+        log.warning("job=%s could not remove RQ entry: %s", job.code, exc)
+
+
+def missing_rq_jobs(jobs: Iterable[Job]) -> list[Job]:
+    """The jobs whose RQ entry is gone or finished, i.e. nothing will ever run them."""
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    conn = connection()
+    with conn.pipeline(transaction=False) as pipe:
+        for job in jobs:
+            pipe.hget(RQJob.key_for(job.rq_job_id), "status")
+        statuses = pipe.execute()
+    missing = []
+    for job, status in zip(jobs, statuses, strict=True):
+        state = status.decode() if isinstance(status, bytes) else status
+        if state not in LIVE_RQ_STATES:
+            missing.append(job)
+    return missing

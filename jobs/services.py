@@ -1,0 +1,242 @@
+"""State changes that touch several things: transition + audit event + enqueue.
+
+Every status change goes through `transition()`, a compare-and-set on the row: the loser of a
+race updates nothing and gets False. Each successful transition writes one JobEvent in the same
+transaction, so the audit log and the status can never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from jobs import queueing
+from jobs.models import Job, JobEvent, Priority, Workload
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+MAX_INPUT_CHARS = 100_000
+
+
+class SubmitError(Exception):
+    """The submission was refused; the message is safe to show to the submitter."""
+
+
+def transition(
+    job: Job,
+    from_statuses: Iterable[str],
+    to_status: str,
+    *,
+    actor: AbstractBaseUser | None = None,
+    reason: str = "",
+    data: dict[str, Any] | None = None,
+    extra_filter: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bool:
+    """Move `job` to `to_status` if it is still in one of `from_statuses`.
+
+    Returns whether this call won. On success the in-memory `job` is updated too.
+    """
+    from_statuses = list(from_statuses)
+    now = timezone.now()
+    with transaction.atomic():
+        current = (
+            Job.objects.filter(pk=job.pk, status__in=from_statuses, **(extra_filter or {}))
+            .values_list("status", flat=True)
+            .first()
+        )
+        if current is None:
+            return False
+        updated = Job.objects.filter(pk=job.pk, status=current, **(extra_filter or {})).update(
+            status=to_status, updated_at=now, **fields
+        )
+        if not updated:
+            return False
+        JobEvent.objects.create(
+            job_id=job.pk,
+            created_at=now,
+            actor=actor if actor is not None and actor.is_authenticated else None,
+            from_status=current,
+            to_status=to_status,
+            reason=reason[:300],
+            data=data or {},
+        )
+    job.status = to_status
+    for name, value in fields.items():
+        setattr(job, name, value)
+    return True
+
+
+def do_submit_job(
+    *,
+    workload: Workload,
+    input_text: str,
+    user: AbstractBaseUser | None,
+    priority: str = "",
+    idempotency_key: str = "",
+) -> tuple[Job, bool]:
+    """Persist a job and enqueue it once the row is committed.
+
+    Returns (job, created). With an idempotency key seen from the same user in the last 24 h,
+    returns the existing job and creates nothing.
+    """
+    if not input_text.strip():
+        raise SubmitError("Input is empty.")
+    if len(input_text) > MAX_INPUT_CHARS:
+        raise SubmitError(f"Input is longer than {MAX_INPUT_CHARS:,} characters.")
+    if workload.is_paused:
+        raise SubmitError(f"Workload {workload.name!r} is paused; try again later.")
+    if priority and priority not in Priority.values:
+        raise SubmitError(f"Unknown priority {priority!r}.")
+    idempotency_key = idempotency_key.strip()[:200]
+    submitter = user if user is not None and user.is_authenticated else None
+
+    if idempotency_key:
+        existing = _find_idempotent(submitter, idempotency_key)
+        if existing is not None:
+            return existing, False
+
+    now = timezone.now()
+    job = Job(
+        workload=workload,
+        submitted_by=submitter,
+        input_text=input_text,
+        priority=priority or workload.default_priority,
+        idempotency_key=idempotency_key,
+        status=Job.Status.QUEUED,
+        stage="queued",
+        created_at=now,
+        queued_at=now,
+    )
+    try:
+        with transaction.atomic():
+            job.save()
+            JobEvent.objects.create(
+                job=job,
+                created_at=now,
+                actor=submitter,
+                to_status=Job.Status.QUEUED,
+                reason="submitted",
+            )
+            transaction.on_commit(lambda: queueing.enqueue(job))
+    except IntegrityError:
+        # Two submissions with the same key raced; the other one won. Return it.
+        existing = _find_idempotent(submitter, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def _find_idempotent(user: AbstractBaseUser | None, key: str) -> Job | None:
+    existing = Job.objects.filter(submitted_by=user, idempotency_key=key).first()
+    if existing is None:
+        return None
+    if existing.created_at >= timezone.now() - IDEMPOTENCY_WINDOW:
+        return existing
+    # An expired key is released so it can be used again.
+    Job.objects.filter(pk=existing.pk, idempotency_key=key).update(idempotency_key="")
+    return None
+
+
+def do_start_run(job: Job, *, worker: str = "") -> uuid.UUID | None:
+    """queued → running. Returns the run's fencing token, or None if the job is not runnable."""
+    token = uuid.uuid4()
+    now = timezone.now()
+    won = transition(
+        job,
+        [Job.Status.QUEUED],
+        Job.Status.RUNNING,
+        reason="started",
+        data={"worker": worker} if worker else None,
+        run_token=token,
+        heartbeat_at=now,
+        started_at=now,
+        stage="calling",
+        progress_message="",
+    )
+    return token if won else None
+
+
+def do_finish_run(
+    job: Job,
+    token: uuid.UUID,
+    *,
+    output_text: str,
+    confidence: float | None,
+) -> bool:
+    return transition(
+        job,
+        [Job.Status.RUNNING],
+        Job.Status.SUCCEEDED,
+        reason="completed",
+        extra_filter={"run_token": token},
+        output_text=output_text,
+        confidence=confidence,
+        error="",
+        error_class="",
+        stage="done",
+        progress_percent=100,
+        finished_at=timezone.now(),
+        run_token=None,
+    )
+
+
+def do_fail_run(job: Job, token: uuid.UUID, *, error: str, error_class: str) -> bool:
+    return transition(
+        job,
+        [Job.Status.RUNNING],
+        Job.Status.FAILED,
+        reason=error[:300],
+        data={"error_class": error_class},
+        extra_filter={"run_token": token},
+        error=error,
+        error_class=error_class,
+        stage="done",
+        finished_at=timezone.now(),
+        run_token=None,
+    )
+
+
+def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "") -> bool:
+    """Cancel a job that has not finished. A running job's worker sees the new status at its
+    next checkpoint and its late result is discarded by the fencing token."""
+    won = transition(
+        job,
+        Job.CANCELLABLE_STATUSES,
+        Job.Status.CANCELLED,
+        actor=actor,
+        reason=reason or "cancelled",
+        stage="done",
+        finished_at=timezone.now(),
+        run_token=None,
+    )
+    if won:
+        transaction.on_commit(lambda: queueing.remove(job))
+    return won
+
+
+def do_recover_stale_run(job: Job, *, reason: str) -> bool:
+    """running → queued for a run whose worker stopped heart-beating, then enqueue again."""
+    won = transition(
+        job,
+        [Job.Status.RUNNING],
+        Job.Status.QUEUED,
+        reason=reason,
+        extra_filter={"run_token": job.run_token} if job.run_token else None,
+        run_token=None,
+        stage="queued",
+        progress_message="",
+        queued_at=timezone.now(),
+    )
+    if won:
+        transaction.on_commit(lambda: queueing.enqueue(job))
+    return won

@@ -1,0 +1,127 @@
+"""Pages for staff: submit a job, follow it, list jobs. Thin: parse, call a service, render."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import Count, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from jobs import services
+from jobs.forms import JobFilterForm, SubmitJobForm
+from jobs.models import Job, Workload
+
+
+def visible_jobs(user) -> QuerySet[Job]:
+    """Operators (view_job permission) see every job; everyone else sees their own."""
+    jobs = Job.objects.select_related("workload", "submitted_by")
+    if user.has_perm("jobs.view_job"):
+        return jobs
+    return jobs.filter(submitted_by=user)
+
+
+def get_job_for_user(request: HttpRequest, code: uuid.UUID) -> Job:
+    job = visible_jobs(request.user).filter(code=code).first()
+    if job is None:
+        raise Http404("No such job.")
+    return job
+
+
+def can_change_job(user, job: Job) -> bool:
+    return job.submitted_by_id == user.pk or user.has_perm("jobs.change_job")
+
+
+def dashboard(request: HttpRequest) -> HttpResponse:
+    jobs = visible_jobs(request.user)
+    counts = dict(jobs.order_by().values_list("status").annotate(n=Count("id")))
+    context = {
+        "counts": [(value, label, counts.get(value, 0)) for value, label in Job.Status.choices],
+        "recent": jobs[:10],
+        "workloads": Workload.objects.select_related("provider"),
+    }
+    return render(request, "jobs/dashboard.html", context)
+
+
+def job_list(request: HttpRequest) -> HttpResponse:
+    form = JobFilterForm(request.GET or None)
+    jobs = visible_jobs(request.user)
+    if form.is_valid():
+        if form.cleaned_data["status"]:
+            jobs = jobs.filter(status=form.cleaned_data["status"])
+        if form.cleaned_data["workload"]:
+            jobs = jobs.filter(workload=form.cleaned_data["workload"])
+    page = Paginator(jobs, settings.AIQUEUE_JOBS_PER_PAGE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    template = "jobs/list.html"
+    if request.htmx and not request.htmx.boosted:
+        template += "#job-table"
+    return render(
+        request,
+        template,
+        {"form": form, "page": page, "query": query.urlencode()},
+    )
+
+
+def job_new(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        form = SubmitJobForm(request.POST)
+        if form.is_valid():
+            try:
+                job, created = services.do_submit_job(
+                    workload=form.cleaned_data["workload"],
+                    input_text=form.cleaned_data["input_text"],
+                    user=request.user,
+                    priority=form.cleaned_data["priority"],
+                    idempotency_key=form.cleaned_data["idempotency_key"],
+                )
+            except services.SubmitError as exc:
+                form.add_error(None, str(exc))
+            else:
+                if created:
+                    messages.success(request, "Job submitted. It runs in the background.")
+                else:
+                    messages.info(request, "This form was already submitted; here is that job.")
+                return redirect(job)
+    else:
+        initial = {"idempotency_key": uuid.uuid4().hex}
+        workload = Workload.objects.filter(pk=request.GET.get("workload") or 0).first()
+        if workload:
+            initial["workload"] = workload
+        form = SubmitJobForm(initial=initial)
+    return render(request, "jobs/new.html", {"form": form})
+
+
+def job_detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
+    job = get_job_for_user(request, code)
+    template = "jobs/detail.html"
+    if request.htmx and not request.htmx.boosted:
+        template += "#job-live"
+    return render(request, template, job_context(request, job))
+
+
+def job_context(request: HttpRequest, job: Job) -> dict:
+    return {
+        "job": job,
+        "attempts": job.attempts.select_related("provider"),
+        "events": job.events.select_related("actor"),
+        "can_change": can_change_job(request.user, job),
+    }
+
+
+@require_POST
+def job_cancel(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
+    job = get_job_for_user(request, code)
+    if not can_change_job(request.user, job):
+        raise PermissionDenied("You cannot cancel this job.")
+    if services.do_cancel_job(job, actor=request.user, reason="cancelled from the job page"):
+        messages.success(request, "Job cancelled.")
+    else:
+        messages.warning(request, f"The job is {job.get_status_display().lower()}; not cancelled.")
+    return redirect(job)

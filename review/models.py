@@ -1,0 +1,1 @@
+"""The review inbox (ReviewItem) lands here; see issue #6."""

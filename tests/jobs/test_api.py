@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+
+from jobs.models import ApiToken, Job
+
+
+@pytest.fixture
+def token(user) -> str:
+    api_token = ApiToken(user=user, name="ci")
+    key = api_token.set_new_key()
+    api_token.save()
+    return key
+
+
+def post_job(client: Client, body: dict, **headers):
+    return client.post(
+        "/api/jobs", data=json.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def test_submit_with_token_answers_202_with_code_and_url(client, token, workload):
+    response = post_job(
+        client,
+        {"workload": workload.name, "input": "hello", "priority": "low"},
+        Authorization=f"Bearer {token}",
+    )
+    assert response.status_code == 202
+    body = response.json()
+    job = Job.objects.get()
+    assert body["code"] == str(job.code)
+    assert body["status"] == "queued"
+    assert body["url"].endswith(job.get_absolute_url())
+    assert job.priority == "low"
+
+
+def test_get_job_state(client, token, workload):
+    code = post_job(
+        client, {"workload": workload.name, "input": "x"}, Authorization=f"Bearer {token}"
+    ).json()["code"]
+    Job.objects.filter(code=code).update(status="succeeded", output_text="done")
+    body = client.get(f"/api/jobs/{code}", headers={"Authorization": f"Bearer {token}"}).json()
+    assert body["status"] == "succeeded"
+    assert body["output"] == "done"
+
+
+def test_idempotency_key_header_returns_the_same_job(client, token, workload):
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "k-1"}
+    first = post_job(client, {"workload": workload.name, "input": "x"}, **headers)
+    second = post_job(client, {"workload": workload.name, "input": "x"}, **headers)
+    assert first.status_code == 202
+    assert second.status_code == 200
+    assert first.json()["code"] == second.json()["code"]
+    assert Job.objects.count() == 1
+
+
+def test_without_credentials_is_401(client, workload):
+    assert post_job(client, {"workload": workload.name, "input": "x"}).status_code == 401
+    assert Job.objects.count() == 0
+
+
+def test_bad_token_is_401(client, workload):
+    response = post_job(
+        client, {"workload": workload.name, "input": "x"}, Authorization="Bearer nope"
+    )
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"input": "x"}, "'workload' is required"),
+        ({"workload": "Nope", "input": "x"}, "Unknown workload"),
+        ({"workload": "Summaries"}, "'input' is required"),
+        ({"workload": "Summaries", "input": "x", "priority": "urgent"}, "Unknown priority"),
+    ],
+)
+def test_bad_requests_explain_themselves(client, token, workload, body, message):
+    response = post_job(client, body, Authorization=f"Bearer {token}")
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert Job.objects.count() == 0
+
+
+def test_malformed_json_is_400(client, token, db):
+    response = client.post(
+        "/api/jobs",
+        data="{nope",
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 400
+
+
+def test_session_auth_needs_csrf(user, workload):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    assert post_job(browser, {"workload": workload.name, "input": "x"}).status_code == 403
+    assert Job.objects.count() == 0
+
+
+def test_other_users_job_is_404(client, token, workload, other_user):
+    from jobs import services
+
+    job, _ = services.do_submit_job(workload=workload, input_text="x", user=other_user)
+    response = client.get(f"/api/jobs/{job.code}", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 404
+
+
+def test_only_the_token_digest_is_stored(token):
+    stored = ApiToken.objects.get()
+    assert token not in (stored.digest, stored.prefix)
+    assert stored.digest == ApiToken.hash_key(token)

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobs import services
+from jobs.models import Job, JobEvent
+
+
+def submit(workload, user, text="Some meeting notes.", **kwargs) -> Job:
+    job, created = services.do_submit_job(workload=workload, input_text=text, user=user, **kwargs)
+    assert created
+    return job
+
+
+def test_submit_persists_job_and_audit_event(workload, user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks() as callbacks:
+        job = submit(workload, user)
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED
+    assert job.priority == workload.default_priority
+    assert job.submitted_by == user
+    assert [(e.from_status, e.to_status, e.reason) for e in job.events.all()] == [
+        ("", "queued", "submitted")
+    ]
+    # Enqueue waits for the commit, so a worker can never see a job that is not saved.
+    assert len(callbacks) == 1
+
+
+def test_submit_uses_priority_override(workload, user):
+    job = submit(workload, user, priority="high")
+    assert job.priority == "high"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("   ", "Input is empty."), ("x" * (services.MAX_INPUT_CHARS + 1), "longer than")],
+)
+def test_submit_rejects_bad_input_and_creates_nothing(workload, user, text, message):
+    with pytest.raises(services.SubmitError, match=message):
+        services.do_submit_job(workload=workload, input_text=text, user=user)
+    assert Job.objects.count() == 0
+
+
+def test_submit_to_paused_workload_is_refused(workload, user):
+    workload.is_paused = True
+    workload.save()
+    with pytest.raises(services.SubmitError, match="paused"):
+        services.do_submit_job(workload=workload, input_text="hi", user=user)
+    assert Job.objects.count() == 0
+
+
+def test_same_idempotency_key_returns_the_existing_job(workload, user):
+    first = submit(workload, user, idempotency_key="abc")
+    again, created = services.do_submit_job(
+        workload=workload, input_text="different text", user=user, idempotency_key="abc"
+    )
+    assert not created
+    assert again.pk == first.pk
+    assert Job.objects.count() == 1
+
+
+def test_idempotency_key_is_per_user(workload, user, other_user):
+    first = submit(workload, user, idempotency_key="abc")
+    second = submit(workload, other_user, idempotency_key="abc")
+    assert first.pk != second.pk
+
+
+def test_idempotency_key_older_than_a_day_creates_a_new_job(workload, user):
+    first = submit(workload, user, idempotency_key="abc")
+    Job.objects.filter(pk=first.pk).update(created_at=timezone.now() - timedelta(hours=25))
+    second = submit(workload, user, idempotency_key="abc")
+    assert second.pk != first.pk
+
+
+def test_transition_is_compare_and_set(workload, user):
+    job = submit(workload, user)
+    stale_copy = Job.objects.get(pk=job.pk)
+    assert services.transition(job, ["queued"], "cancelled", reason="first")
+    # The loser of the race changes nothing and writes no event.
+    assert not services.transition(stale_copy, ["queued"], "running", reason="second")
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert list(job.events.values_list("to_status", flat=True)) == ["queued", "cancelled"]
+
+
+def test_finish_with_a_stale_run_token_is_ignored(workload, user):
+    job = submit(workload, user)
+    old_token = services.do_start_run(job)
+    assert old_token is not None
+    # The reconciler decided this run's worker was dead and the job was started again.
+    assert services.do_recover_stale_run(job, reason="worker lost")
+    new_token = services.do_start_run(job)
+    assert not services.do_finish_run(job, old_token, output_text="late", confidence=None)
+    assert services.do_finish_run(job, new_token, output_text="fresh", confidence=None)
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    assert job.output_text == "fresh"
+
+
+def test_cancel_only_unfinished_jobs(workload, user):
+    job = submit(workload, user)
+    assert services.do_cancel_job(job, actor=user)
+    assert not services.do_cancel_job(job, actor=user)
+    event = JobEvent.objects.filter(job=job, to_status="cancelled").get()
+    assert event.actor == user

@@ -1,0 +1,569 @@
+"""The simulated provider over real HTTP: a subprocess on a free port, httpx, no Django."""
+
+from __future__ import annotations
+
+import json
+import math
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABELS = ["billing", "bug", "feature-request"]
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string", "minLength": 3},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "vip": {"type": "boolean"},
+        "priority": {"enum": ["low", "medium", "high"]},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "since": {"type": "string"}},
+            "required": ["city", "since"],
+            "additionalProperties": False,
+        },
+        "note": {"type": ["string", "null"]},
+    },
+    "required": ["customer", "age", "score", "vip", "priority", "tags", "address"],
+    "additionalProperties": False,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.providers.simulator", "--port", str(port), *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("simulator listening on "):
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"simulator did not start: {line!r}")
+    url = line.split(" on ", 1)[1].strip()
+    assert url == f"http://127.0.0.1:{port}"
+    return proc, url
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    proc, url = _start("--latency-ms", "0")
+    yield url
+    assert _stop(proc) == 0
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        assert client.post("/_control/reset").status_code == 200
+        yield client
+
+
+def configure(client: httpx.Client, **changes: Any) -> dict[str, Any]:
+    response = client.put("/_control", json=changes)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def chat(user: str, system: str | None = None, **extra: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user})
+    return {"model": "sim-small", "messages": messages, **extra}
+
+
+def anthropic(user: str, system: str | None = None, **extra: Any) -> dict[str, Any]:
+    body = {"model": "sim-small", "max_tokens": 1024, **extra}
+    body["messages"] = [{"role": "user", "content": user}]
+    if system:
+        body["system"] = system
+    return body
+
+
+def complete(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def classify_body(user: str, **extra: Any) -> dict[str, Any]:
+    system = f"Classify the support ticket.\nLabels: {', '.join(LABELS)}"
+    return chat(user, system, logprobs=True, top_logprobs=5, **extra)
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    events = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        event, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        events.append((event, "\n".join(data)))
+    return events
+
+
+def estimate(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def outcomes(client: httpx.Client) -> dict[str, int]:
+    return client.get("/_control").json()["counters"]["by_outcome"]
+
+
+# --------------------------------------------------------------------------- OpenAI shape
+
+
+def test_openai_completion_shape_and_usage(client: httpx.Client) -> None:
+    body = chat("Summarize the quarterly planning meeting about hiring and budgets.", "Be brief.")
+    data = complete(client, body)
+
+    assert data["id"].startswith("chatcmpl-")
+    assert data["object"] == "chat.completion"
+    assert isinstance(data["created"], int)
+    assert data["model"] == "sim-small"
+    [choice] = data["choices"]
+    assert choice["message"]["role"] == "assistant"
+    content = choice["message"]["content"]
+    assert content[0].isupper()
+    assert content.endswith(".")
+    assert choice["finish_reason"] == "stop"
+    assert choice["logprobs"] is None
+    usage = data["usage"]
+    assert usage["prompt_tokens"] == sum(estimate(m["content"]) for m in body["messages"])
+    assert usage["completion_tokens"] == estimate(content)
+    assert 40 <= usage["completion_tokens"] <= 150
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_max_tokens_truncates_with_finish_reason_length(client: httpx.Client) -> None:
+    data = complete(client, chat("Write about the release plan.", max_completion_tokens=10))
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] <= 10
+    assert len(data["choices"][0]["message"]["content"]) <= 40
+
+
+def test_answers_are_deterministic_per_seed(client: httpx.Client) -> None:
+    prompts = [f"Describe the migration plan for service number {n}." for n in range(5)]
+
+    def answers() -> list[str]:
+        return [complete(client, chat(p))["choices"][0]["message"]["content"] for p in prompts]
+
+    first = answers()
+    assert answers() == first
+    configure(client, seed=1)
+    reseeded = answers()
+    assert reseeded != first
+    assert answers() == reseeded
+    configure(client, seed=0)
+    assert answers() == first
+
+
+def test_bad_requests_get_openai_error_bodies(client: httpx.Client) -> None:
+    for content in (b"{not json", json.dumps({"model": "sim-small"}).encode()):
+        response = client.post(
+            "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["message"]
+    assert "messages" in response.json()["error"]["message"]
+    assert outcomes(client) == {"bad_request": 2}
+
+
+def test_unknown_route_is_json_404(client: httpx.Client) -> None:
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert "nothing-here" in response.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def test_classification_answers_a_label_with_consistent_logprobs(client: httpx.Client) -> None:
+    seen = set()
+    for n in range(6):
+        data = complete(client, classify_body(f"Ticket {n}: I was charged twice this month."))
+        choice = data["choices"][0]
+        label = choice["message"]["content"]
+        assert label in LABELS
+        seen.add(label)
+        [entry] = choice["logprobs"]["content"]
+        assert entry["token"] == label
+        probability = math.exp(entry["logprob"])
+        assert 0.80 <= probability <= 0.99
+        top = entry["top_logprobs"]
+        assert [t["token"] for t in top][0] == label
+        assert {t["token"] for t in top} == set(LABELS)
+        assert top[0]["logprob"] == pytest.approx(entry["logprob"])
+        assert sum(math.exp(t["logprob"]) for t in top) == pytest.approx(1.0)
+    assert len(seen) > 1  # the hash spreads answers over the labels
+
+
+def test_low_confidence_and_invalid_label_markers(client: httpx.Client) -> None:
+    low = complete(client, classify_body("Not sure what this is [[low-confidence]]"))
+    assert low["choices"][0]["message"]["content"] in LABELS
+    [entry] = low["choices"][0]["logprobs"]["content"]
+    assert math.exp(entry["logprob"]) == pytest.approx(0.35)
+
+    invalid = complete(client, classify_body("Something odd [[invalid-label]]"))
+    assert invalid["choices"][0]["message"]["content"] not in LABELS
+
+
+def test_refuse_marker_is_a_content_filter_refusal(client: httpx.Client) -> None:
+    data = complete(client, chat("Tell me something dangerous [[refuse]]"))
+    assert data["choices"][0]["finish_reason"] == "content_filter"
+    assert data["choices"][0]["message"]["content"] == ""
+    response = client.post("/v1/messages", json=anthropic("Again [[refuse]]"))
+    assert response.json()["stop_reason"] == "refusal"
+    assert outcomes(client) == {"refused": 2}
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "ticket", "schema": schema}}
+
+
+def test_extraction_validates_against_the_schema(client: httpx.Client) -> None:
+    for n in range(5):
+        user = f"Extract: Maria Lopez from Porto, customer since 2019, order {n}."
+        data = complete(client, chat(user, response_format=_schema_format(SCHEMA)))
+        jsonschema.validate(json.loads(data["choices"][0]["message"]["content"]), SCHEMA)
+
+    plain = complete(
+        client,
+        chat("Extract keywords: Porto harbour tour", response_format={"type": "json_object"}),
+    )
+    result = json.loads(plain["choices"][0]["message"]["content"])
+    assert isinstance(result["summary"], str)
+    assert result["summary"]
+    assert "porto" in result["keywords"]
+
+
+def test_extraction_markers_break_the_output(client: httpx.Client) -> None:
+    fmt = _schema_format(SCHEMA)
+    broken = complete(client, chat("Extract this [[invalid-json]]", response_format=fmt))
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(broken["choices"][0]["message"]["content"])
+
+    violating = complete(client, chat("Extract this [[schema-violation]]", response_format=fmt))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(violating["choices"][0]["message"]["content"]), SCHEMA)
+
+
+def test_anthropic_extraction_reads_the_schema_from_the_system_prompt(
+    client: httpx.Client,
+) -> None:
+    # The shape aiqueue's Anthropic provider sends: no response_format, schema in the system.
+    system = (
+        "Answer with one JSON object that validates against this JSON Schema, and nothing "
+        f"else:\n{json.dumps(SCHEMA)}"
+    )
+    response = client.post("/v1/messages", json=anthropic("Extract: Jo from Lyon", system))
+    jsonschema.validate(json.loads(response.json()["content"][0]["text"]), SCHEMA)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_openai_stream_reassembles_the_non_stream_answer(client: httpx.Client) -> None:
+    body = chat("Summarize the incident review for the payments outage.", max_tokens=40)
+    expected = complete(client, body)
+
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    arrivals: list[float] = []
+    lines: list[str] = []
+    with client.stream("POST", "/v1/chat/completions", json=stream_body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                arrivals.append(time.monotonic())
+            lines.append(line)
+    events = [data for _event, data in sse_events("\n".join(lines))]
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(data) for data in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) >= 3
+    text = "".join(c["choices"][0]["delta"]["content"] for c in content_chunks)
+    assert text == expected["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == expected["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == expected["usage"]
+    # The default 20 ms between content chunks makes streaming observable.
+    assert arrivals[-1] - arrivals[0] >= 0.015 * (len(content_chunks) - 1)
+
+
+def test_openai_stream_carries_logprobs_for_classification(client: httpx.Client) -> None:
+    body = classify_body("The app crashes when I upload a photo.")
+    expected = complete(client, body)
+    response = client.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = [json.loads(d) for _e, d in sse_events(response.text) if d != "[DONE]"]
+    with_logprobs = [c for c in chunks if c["choices"][0].get("logprobs")]
+    assert with_logprobs[0]["choices"][0]["logprobs"] == expected["choices"][0]["logprobs"]
+    assert all("usage" not in c for c in chunks)  # include_usage was not asked for
+
+
+def test_anthropic_message_shape(client: httpx.Client) -> None:
+    body = anthropic("Summarize the onboarding guide for new engineers.", "Be concise.")
+    response = client.post("/v1/messages", json=body)
+    assert response.status_code == 200
+    data = response.json()
+    assert data["id"].startswith("msg_")
+    assert data["type"] == "message"
+    assert data["role"] == "assistant"
+    assert data["model"] == "sim-small"
+    [block] = data["content"]
+    assert block["type"] == "text"
+    assert data["stop_reason"] == "end_turn"
+    assert data["usage"] == {
+        "input_tokens": estimate(body["system"]) + estimate(body["messages"][0]["content"]),
+        "output_tokens": estimate(block["text"]),
+    }
+    # Both APIs answer the same conversation the same way.
+    same = chat(body["messages"][0]["content"], body["system"])
+    assert complete(client, same)["choices"][0]["message"]["content"] == block["text"]
+
+    missing = client.post("/v1/messages", json={"model": "m", "messages": body["messages"]})
+    assert missing.status_code == 400
+    assert missing.json()["type"] == "error"
+    assert missing.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_anthropic_stream_events(client: httpx.Client) -> None:
+    body = anthropic("Explain the rollout checklist for the mobile app.", max_tokens=30)
+    expected = client.post("/v1/messages", json=body).json()
+    assert expected["stop_reason"] == "max_tokens"
+
+    response = client.post("/v1/messages", json={**body, "stream": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    kinds = [event for event, _data in events]
+    payloads = [json.loads(data) for _event, data in events]
+    assert [p["type"] for p in payloads] == kinds
+    assert kinds[0] == "message_start"
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert kinds.index("content_block_start") < kinds.index("content_block_delta")
+    assert payloads[0]["message"]["usage"]["input_tokens"] == expected["usage"]["input_tokens"]
+    deltas = [p["delta"] for p in payloads if p["type"] == "content_block_delta"]
+    assert {d["type"] for d in deltas} == {"text_delta"}
+    assert "".join(d["text"] for d in deltas) == expected["content"][0]["text"]
+    message_delta = payloads[-2]
+    assert message_delta["delta"]["stop_reason"] == "max_tokens"
+    assert message_delta["usage"]["output_tokens"] == expected["usage"]["output_tokens"]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_script_gives_exact_outcomes_in_order(client: httpx.Client) -> None:
+    configure(client, script=[{"status": 429, "retry_after": 7}, 503, {"status": 200}])
+    body = chat("Scripted request")
+
+    first = client.post("/v1/chat/completions", json=body)
+    assert first.status_code == 429
+    assert first.headers["retry-after"] == "7"
+    assert first.headers["x-ratelimit-reset-requests"] == "7s"
+    assert first.json()["error"]["code"] == "rate_limit_exceeded"
+    second = client.post("/v1/chat/completions", json=body)
+    assert second.status_code == 503
+    assert second.json()["error"]["type"] == "server_error"
+    assert "retry-after" not in second.headers
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # script used up
+
+    state = client.get("/_control").json()
+    assert state["config"]["script"] == []
+    assert state["counters"]["by_outcome"] == {"rate_limited": 1, "error_503": 1, "ok": 2}
+
+
+def test_errors_come_after_the_latency_but_429_is_immediate(client: httpx.Client) -> None:
+    configure(client, latency_ms=1500, script=[429, 503])
+    started = time.monotonic()
+    assert client.post("/v1/chat/completions", json=chat("x")).status_code == 429
+    assert time.monotonic() - started < 1.0  # not made to wait out the 1.5 s latency
+    started = time.monotonic()
+    assert client.post("/v1/chat/completions", json=chat("x")).status_code == 503
+    assert time.monotonic() - started >= 1.5
+
+
+def test_hang_answers_504_and_counts_a_timeout(client: httpx.Client) -> None:
+    configure(client, timeout_rate=1.0, timeout_hang_s=0.2)
+    started = time.monotonic()
+    response = client.post("/v1/chat/completions", json=chat("x"))
+    assert response.status_code == 504
+    assert time.monotonic() - started >= 0.2
+    assert outcomes(client) == {"timeout": 1}
+
+
+def test_error_rate_one_fails_everything(client: httpx.Client) -> None:
+    configure(client, error_rate=1.0)
+    statuses = [
+        client.post("/v1/chat/completions", json=chat(f"r{n}")).status_code for n in range(5)
+    ]
+    assert statuses == [503] * 5
+    configure(client, error_status=500)
+    assert client.post("/v1/chat/completions", json=chat("x")).status_code == 500
+    assert outcomes(client) == {"error_503": 5, "error_500": 1}
+
+
+def test_rate_limit_rate_one_answers_429_with_retry_after(client: httpx.Client) -> None:
+    configure(client, rate_limit_rate=1.0, retry_after_s=2)
+    response = client.post("/v1/messages", json=anthropic("x"))
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_outage_fails_both_apis(client: httpx.Client) -> None:
+    configure(client, outage=True)
+    openai = client.post("/v1/chat/completions", json=chat("x"))
+    assert openai.status_code == 503
+    assert openai.json()["error"]["type"] == "server_error"
+    claude = client.post("/v1/messages", json=anthropic("x"))
+    assert claude.status_code == 503
+    assert claude.json() == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": claude.json()["error"]["message"]},
+    }
+    configure(client, outage=False)
+    assert client.post("/v1/chat/completions", json=chat("x")).status_code == 200
+
+
+# --------------------------------------------------------------------------- control API
+
+
+def test_put_control_rejects_unknown_keys_and_bad_values_atomically(client: httpx.Client) -> None:
+    before = client.get("/_control").json()["config"]
+    cases = [
+        ({"latency_ms": 5, "bogus_key": 1}, "bogus_key"),
+        ({"error_rate": 1.5}, "error_rate"),
+        ({"latency_ms": -1}, "latency_ms"),
+        ({"outage": "yes"}, "outage"),
+        ({"script": [{"status": 429, "retry": 3}]}, "retry"),
+    ]
+    for changes, key in cases:
+        response = client.put("/_control", json=changes)
+        assert response.status_code == 400, changes
+        assert key in response.json()["error"]["message"]
+    assert client.get("/_control").json()["config"] == before
+
+
+def test_counters_track_outcomes_and_tokens(client: httpx.Client) -> None:
+    usages = [complete(client, chat(f"Count request {n}"))["usage"] for n in range(2)]
+    client.post("/v1/chat/completions", content=b"nope")
+    counters = client.get("/_control").json()["counters"]
+    assert counters["requests_total"] == 3
+    assert counters["by_outcome"] == {"ok": 2, "bad_request": 1}
+    assert counters["prompt_tokens"] == sum(u["prompt_tokens"] for u in usages)
+    assert counters["completion_tokens"] == sum(u["completion_tokens"] for u in usages)
+    assert counters["in_flight"] == 0
+
+    state = configure(client, reset_counters=True)
+    assert state["counters"]["requests_total"] == 0
+    assert state["counters"]["by_outcome"] == {}
+
+
+def test_peak_in_flight_counts_concurrent_requests(client: httpx.Client, base_url: str) -> None:
+    configure(client, latency_ms=300)
+
+    # Threads, not asyncio.run(): a session-wide Playwright browser may own this thread's loop.
+    def post(n: int) -> int:
+        return httpx.post(
+            f"{base_url}/v1/chat/completions", json=chat(f"c{n}"), timeout=10
+        ).status_code
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        assert list(pool.map(post, range(20))) == [200] * 20
+    counters = client.get("/_control").json()["counters"]
+    assert counters["peak_in_flight"] == 20
+    assert counters["in_flight"] == 0
+    assert counters["by_outcome"] == {"ok": 20}
+
+
+def test_reset_restores_startup_config_and_zeroes_counters(client: httpx.Client) -> None:
+    defaults = client.get("/_control").json()["config"]
+    assert defaults["latency_ms"] == 0  # from --latency-ms
+    configure(client, outage=True, latency_ms=5, seed=9, script=[503, 503])
+    client.post("/v1/chat/completions", json=chat("x"))
+    state = client.post("/_control/reset").json()
+    assert state["config"] == defaults
+    assert state["counters"]["requests_total"] == 0
+    assert state["counters"]["by_outcome"] == {}
+    assert state["counters"]["peak_in_flight"] == 0
+
+
+def test_models_list(client: httpx.Client) -> None:
+    data = client.get("/v1/models").json()
+    assert data["object"] == "list"
+    assert data["data"]
+    assert all(m["object"] == "model" for m in data["data"])
+
+
+# --------------------------------------------------------------------------- auth + shutdown
+
+
+def test_api_key_is_required_and_sigterm_exits_cleanly() -> None:
+    proc, url = _start("--latency-ms", "0", "--api-key", "sekrit")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            body = chat("hello")
+            missing = client.post("/v1/chat/completions", json=body)
+            assert missing.status_code == 401
+            assert missing.json()["error"]["code"] == "invalid_api_key"
+            wrong = {"Authorization": "Bearer nope"}
+            assert client.post("/v1/chat/completions", json=body, headers=wrong).status_code == 401
+            right = {"Authorization": "Bearer sekrit"}
+            assert client.post("/v1/chat/completions", json=body, headers=right).status_code == 200
+
+            claude = client.post("/v1/messages", json=anthropic("hi"), headers={"x-api-key": "no"})
+            assert claude.status_code == 401
+            assert claude.json()["error"]["type"] == "authentication_error"
+            ok = client.post("/v1/messages", json=anthropic("hi"), headers={"x-api-key": "sekrit"})
+            assert ok.status_code == 200
+            assert outcomes(client) == {"unauthorized": 3, "ok": 2}
+    finally:
+        returncode = _stop(proc)
+    assert returncode == 0
