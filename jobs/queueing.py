@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 
 import django_rq
 import redis
@@ -34,17 +35,28 @@ def connection() -> redis.Redis:
 
 
 def enqueue(job: Job) -> bool:
+    return _enqueue(job, at=None)
+
+
+def enqueue_at(job: Job, when: datetime) -> bool:
+    """Schedule the job's run for `when` (RQ's scheduler moves it onto its queue then)."""
+    return _enqueue(job, at=when)
+
+
+def _enqueue(job: Job, *, at: datetime | None) -> bool:
+    options = {
+        "job_id": job.rq_job_id,
+        "job_timeout": job.workload.timeout_s + RQ_TIMEOUT_MARGIN_S,
+        "result_ttl": 0,
+        "failure_ttl": 24 * 3600,
+        "description": f"{job.workload.name} {job.code}",
+    }
     try:
         queue = django_rq.get_queue(job.priority)
-        queue.enqueue(
-            TASK,
-            str(job.code),
-            job_id=job.rq_job_id,
-            job_timeout=job.workload.timeout_s + RQ_TIMEOUT_MARGIN_S,
-            result_ttl=0,
-            failure_ttl=24 * 3600,
-            description=f"{job.workload.name} {job.code}",
-        )
+        if at is None:
+            queue.enqueue(TASK, str(job.code), **options)
+        else:
+            queue.enqueue_at(at, TASK, str(job.code), **options)
     except redis.RedisError as exc:
         log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
         return False

@@ -4,7 +4,8 @@ The database is the source of truth; Redis can lose its data (restart without pe
 flush, failover) and a worker can die mid-run. Each pass:
 
 1. enqueues jobs whose row says queued but whose RQ entry is gone or finished;
-2. recovers jobs stuck in running whose heartbeat stopped (their worker died): back to queued.
+2. recovers jobs stuck in running whose heartbeat stopped (their worker died): back to queued;
+3. wakes waiting jobs whose resume time has passed but whose scheduled RQ entry is gone.
 
 It is idempotent and safe to run from several processes at once: recovery is a
 compare-and-set on the row, and an enqueue of a job that is already queued only overwrites its
@@ -34,6 +35,7 @@ BATCH = 500
 class Report:
     requeued: int = 0
     recovered: int = 0
+    woken: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -44,7 +46,8 @@ def run() -> Report:
     now = timezone.now()
     _recover_stale_runs(report, now)
     _requeue_lost(report, now)
-    if report.requeued or report.recovered:
+    _wake_overdue(report, now)
+    if any(report.as_dict().values()):
         log.warning("reconciler: %s", report.as_dict())
     return report
 
@@ -80,6 +83,22 @@ def _requeue_lost(report: Report, now) -> None:
             report.requeued += _requeue(batch)
             batch = []
     report.requeued += _requeue(batch)
+
+
+def _wake_overdue(report: Report, now) -> None:
+    cutoff = now - timedelta(seconds=settings.AIQUEUE_ENQUEUE_GRACE)
+    overdue = list(
+        Job.objects.filter(status=Job.Status.WAITING, resume_at__lt=cutoff).select_related(
+            "workload"
+        )[:BATCH]
+    )
+    try:
+        missing = queueing.missing_rq_jobs(overdue)
+    except redis.RedisError:
+        return
+    for job in missing:
+        if services.do_resume_job(job, reason="woken by the reconciler: scheduled entry lost"):
+            report.woken += 1
 
 
 def _requeue(batch: list[Job]) -> int:

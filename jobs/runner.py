@@ -32,8 +32,12 @@ def execute(code: str, *, worker: str = "") -> str:
     if job is None:
         log.warning("job=%s not found; dropping its queue entry", code)
         return "missing"
+    if job.status == Job.Status.WAITING and job.resume_at and job.resume_at <= timezone.now():
+        # Its scheduled wake-up: back to queued, and this worker runs it now.
+        services.do_resume_job(job, reason="resume time reached", enqueue=False)
     if job.status != Job.Status.QUEUED:
-        # Cancelled, expired or already run elsewhere (a duplicate queue entry): nothing to do.
+        # Cancelled, expired, still waiting, or already run elsewhere (a duplicate queue
+        # entry): nothing to do.
         return job.status
     token = services.do_start_run(job, worker=worker)
     if token is None:

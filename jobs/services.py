@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -238,5 +238,64 @@ def do_recover_stale_run(job: Job, *, reason: str) -> bool:
         queued_at=timezone.now(),
     )
     if won:
+        transaction.on_commit(lambda: queueing.enqueue(job))
+    return won
+
+
+def do_park_job(
+    job: Job,
+    *,
+    reason: str,
+    resume_at: datetime,
+    token: uuid.UUID | None = None,
+    status: str = Job.Status.WAITING,
+) -> bool:
+    """Set a job aside until `resume_at` without holding a worker: queued → waiting (admission
+    found no capacity) or, with the run's `token`, running → waiting (a long Retry-After, an
+    open breaker). RQ's scheduler puts it back on its queue at `resume_at`."""
+    if token is not None:
+        from_statuses, extra = [Job.Status.RUNNING], {"run_token": token}
+    else:
+        from_statuses, extra = [Job.Status.QUEUED], None
+    won = transition(
+        job,
+        from_statuses,
+        status,
+        reason=reason,
+        data={"resume_at": resume_at.isoformat()},
+        extra_filter=extra,
+        wait_reason=reason[:200],
+        resume_at=resume_at,
+        run_token=None,
+        stage=status,
+        progress_message=reason[:300],
+    )
+    if won:
+        transaction.on_commit(lambda: queueing.enqueue_at(job, resume_at))
+    return won
+
+
+def do_resume_job(
+    job: Job,
+    *,
+    reason: str = "resumed",
+    actor: AbstractBaseUser | None = None,
+    enqueue: bool = True,
+) -> bool:
+    """waiting / held / scheduled → queued. With `enqueue`, also put it on its queue (a worker
+    that resumes the job it is about to run passes False)."""
+    won = transition(
+        job,
+        [Job.Status.WAITING, Job.Status.HELD, Job.Status.SCHEDULED],
+        Job.Status.QUEUED,
+        actor=actor,
+        reason=reason,
+        wait_reason="",
+        resume_at=None,
+        stage="queued",
+        progress_message="",
+        queued_at=timezone.now(),
+    )
+    if won and enqueue:
         transaction.on_commit(lambda: queueing.enqueue(job))
     return won

@@ -9,12 +9,13 @@ import time
 from datetime import timedelta
 from decimal import Decimal
 
+import django_rq
 import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
-from jobs import reconcile, services
+from jobs import queueing, reconcile, services
 from jobs.models import Attempt, Job
 from tests.conftest import BASE_DIR, queued_ids, spawn
 
@@ -181,3 +182,51 @@ def wait_for(predicate, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def test_parked_job_waits_then_runs_when_its_time_comes(redis_conn, workload, user, run_worker):
+    job = submit(workload, user)
+    redis_conn.flushall()
+    resume_at = timezone.now() + timedelta(seconds=60)
+    assert services.do_park_job(job, reason="rate limited", resume_at=resume_at)
+    job.refresh_from_db()
+    assert job.status == "waiting"
+    assert job.wait_reason == "rate limited"
+    scheduled = django_rq.get_queue(job.priority).scheduled_job_registry.get_job_ids()
+    assert scheduled == [job.rq_job_id]
+
+    # Run the scheduled entry now, as RQ's scheduler would at resume_at.
+    Job.objects.filter(pk=job.pk).update(resume_at=timezone.now())
+    django_rq.get_queue(job.priority).enqueue_job(
+        django_rq.get_queue(job.priority).fetch_job(job.rq_job_id)
+    )
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    assert "resume time reached" in list(job.events.values_list("reason", flat=True))
+
+
+def test_waiting_job_is_not_run_before_its_resume_time(redis_conn, workload, user, run_worker):
+    job = submit(workload, user)
+    redis_conn.flushall()
+    services.do_park_job(job, reason="breaker open", resume_at=timezone.now() + timedelta(hours=1))
+    # A stray queue entry (say, a duplicate) must not start it early.
+    queueing.enqueue(job)
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "waiting"
+
+
+def test_reconciler_wakes_a_waiting_job_whose_schedule_was_lost(
+    redis_conn, workload, user, run_worker, settings
+):
+    settings.AIQUEUE_ENQUEUE_GRACE = 0
+    job = submit(workload, user)
+    services.do_park_job(
+        job, reason="rate limited", resume_at=timezone.now() - timedelta(seconds=1)
+    )
+    redis_conn.flushall()
+    assert reconcile.run().woken == 1
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "succeeded"
