@@ -507,7 +507,8 @@ def test_counters_track_outcomes_and_tokens(client: httpx.Client) -> None:
 
 
 def test_peak_in_flight_counts_concurrent_requests(client: httpx.Client, base_url: str) -> None:
-    configure(client, latency_ms=300)
+    # Long enough that all 20 requests overlap even on a loaded machine.
+    configure(client, latency_ms=2500)
 
     # Threads, not asyncio.run(): a session-wide Playwright browser may own this thread's loop.
     def post(n: int) -> int:
