@@ -78,6 +78,7 @@ INSTALLED_APPS = [
     "template_partials",
     "jobs",
     "review",
+    "batches",
 ]
 
 MIDDLEWARE = [
@@ -129,9 +130,13 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
 elif _db["ENGINE"] == "django.db.backends.postgresql":
     if os.environ.get("AIQUEUE_TEST_RUN_ID"):
         _db["TEST"] = {"NAME": f"test_aiqueue_{os.environ['AIQUEUE_TEST_RUN_ID']}"}
-    # Threaded workers share a small psycopg pool instead of one connection per thread.
+    # Threaded workers share a psycopg pool instead of one connection per thread. max_size is a
+    # cap, not a reservation: threads give their connection back while they wait on a provider
+    # (jobs.dbconn), so the pool only opens what is used at once. The cap defaults above the
+    # thread count so the heartbeat never waits behind job threads for a connection.
     if env_bool("AIQUEUE_DB_POOL", False):
-        _db["OPTIONS"] = {"pool": {"min_size": 1, "max_size": env_int("AIQUEUE_DB_POOL_SIZE", 10)}}
+        _pool_max = env_int("AIQUEUE_DB_POOL_SIZE", env_int("AIQUEUE_WORKER_THREADS", 20) + 4)
+        _db["OPTIONS"] = {"pool": {"min_size": 1, "max_size": _pool_max}}
     else:
         _db["CONN_MAX_AGE"] = env_int("AIQUEUE_DB_CONN_MAX_AGE", 0)
 DATABASES = {"default": _db}
@@ -157,12 +162,66 @@ CHANNEL_LAYERS = {
 # job's heartbeat may get before the reconciler decides its worker is gone.
 AIQUEUE_RECONCILE_INTERVAL = env_int("AIQUEUE_RECONCILE_INTERVAL", 10, minimum=1)
 AIQUEUE_HEARTBEAT_INTERVAL = env_int("AIQUEUE_HEARTBEAT_INTERVAL", 5, minimum=1)
-AIQUEUE_STALE_RUNNING_AFTER = env_int("AIQUEUE_STALE_RUNNING_AFTER", 30, minimum=2)
+# 20 s = four missed beats; with the 10 s reconcile interval a dead worker's runs are back in
+# the queue within 30 s.
+AIQUEUE_STALE_RUNNING_AFTER = env_int("AIQUEUE_STALE_RUNNING_AFTER", 20, minimum=2)
+# Threaded workers (jobs.worker.ThreadPoolWorker): jobs in flight per worker process, and how
+# long a stopping worker lets them finish before handing them back to the queue (8 s: within
+# the 10 s ./run waits before it kills what is left).
+AIQUEUE_WORKER_THREADS = env_int("AIQUEUE_WORKER_THREADS", 20, minimum=1)
+AIQUEUE_WORKER_SHUTDOWN_GRACE = env_int("AIQUEUE_WORKER_SHUTDOWN_GRACE", 8, minimum=0)
+# httpx clients per provider per process, used round-robin (jobs.providers.base.client_for).
+AIQUEUE_HTTP_CLIENTS = env_int("AIQUEUE_HTTP_CLIENTS", 8, minimum=1)
 # A queued row younger than this is left alone by the reconciler: its on-commit enqueue may
 # still be on its way.
 AIQUEUE_ENQUEUE_GRACE = env_int("AIQUEUE_ENQUEUE_GRACE", 5, minimum=0)
 AIQUEUE_JOBS_PER_PAGE = env_int("AIQUEUE_JOBS_PER_PAGE", 25, minimum=1)
 AIQUEUE_SIMULATOR_URL = env_str("AIQUEUE_SIMULATOR_URL", "http://127.0.0.1:8100")
+# /metrics answers staff sessions, and `Authorization: Bearer <token>` when this is set.
+AIQUEUE_METRICS_TOKEN = env_str("AIQUEUE_METRICS_TOKEN", "")
+# Retries (jobs/retries.py): a wait longer than AIQUEUE_MAX_INLINE_RETRY_WAIT seconds parks the
+# job instead of sleeping in the worker. Backoff is full jitter: uniform(0, base * 2^(n-1)),
+# capped. "naive" (3 retries per call, no budget, no breaker) exists only for bench/outage.py.
+AIQUEUE_MAX_INLINE_RETRY_WAIT = env_int("AIQUEUE_MAX_INLINE_RETRY_WAIT", 5, minimum=0)
+AIQUEUE_RETRY_BACKOFF_BASE_MS = env_int("AIQUEUE_RETRY_BACKOFF_BASE_MS", 500, minimum=1)
+AIQUEUE_RETRY_BACKOFF_MAX = env_int("AIQUEUE_RETRY_BACKOFF_MAX", 60, minimum=1)
+AIQUEUE_RETRY_POLICY = env_str("AIQUEUE_RETRY_POLICY", "standard")
+if AIQUEUE_RETRY_POLICY not in {"standard", "naive"}:
+    raise ImproperlyConfigured("AIQUEUE_RETRY_POLICY must be 'standard' or 'naive'")
+# Retry budget (jobs/flow/retry_budget.py): sliding window, and retries always allowed per window.
+AIQUEUE_RETRY_BUDGET_WINDOW = env_int("AIQUEUE_RETRY_BUDGET_WINDOW", 60, minimum=1)
+AIQUEUE_RETRY_BUDGET_FLOOR = env_int("AIQUEUE_RETRY_BUDGET_FLOOR", 3, minimum=0)
+# How long a job whose retry did not fit the budget waits before trying again (±50 % jitter).
+AIQUEUE_RETRY_BUDGET_WAIT = env_int("AIQUEUE_RETRY_BUDGET_WAIT", 10, minimum=1)
+# Review inbox: how long a reviewer's claim on an item lasts, how long escalations are
+# collected into one email to reviewers, and the site address used in those emails.
+AIQUEUE_REVIEW_CLAIM_MINUTES = env_int("AIQUEUE_REVIEW_CLAIM_MINUTES", 15, minimum=1)
+AIQUEUE_REVIEW_DIGEST_SECONDS = env_int("AIQUEUE_REVIEW_DIGEST_SECONDS", 60, minimum=1)
+AIQUEUE_REVIEW_PER_PAGE = env_int("AIQUEUE_REVIEW_PER_PAGE", 25, minimum=1)
+AIQUEUE_BASE_URL = env_str("AIQUEUE_BASE_URL", "http://127.0.0.1:8000")
+# Uploads (issue #9): documents and batch files larger than these are refused with a clear
+# error; a batch file may hold at most AIQUEUE_BATCH_MAX_ROWS rows; a document's extracted
+# text at most AIQUEUE_DOCUMENT_MAX_CHARS characters.
+AIQUEUE_DOCUMENT_MAX_BYTES = env_int("AIQUEUE_DOCUMENT_MAX_BYTES", 5 * 1024 * 1024, minimum=1)
+AIQUEUE_DOCUMENT_MAX_CHARS = env_int("AIQUEUE_DOCUMENT_MAX_CHARS", 1_000_000, minimum=1)
+AIQUEUE_BATCH_MAX_BYTES = env_int("AIQUEUE_BATCH_MAX_BYTES", 20 * 1024 * 1024, minimum=1)
+AIQUEUE_BATCH_MAX_ROWS = env_int("AIQUEUE_BATCH_MAX_ROWS", 50_000, minimum=1)
+# Flow control (issue #4, jobs/flow/ and jobs/admission.py). Backpressure: submissions are
+# refused (429 + Retry-After) while this many jobs have not started (0 = no global limit).
+AIQUEUE_MAX_QUEUED = env_int("AIQUEUE_MAX_QUEUED", 0, minimum=0)
+AIQUEUE_BACKPRESSURE_RETRY_AFTER = env_int("AIQUEUE_BACKPRESSURE_RETRY_AFTER", 30, minimum=1)
+# A concurrency lease not renewed by its run's heartbeat for this long frees itself (s).
+AIQUEUE_LEASE_TTL = env_int("AIQUEUE_LEASE_TTL", 30, minimum=1)
+# A job parked on a full concurrency cap is woken when a slot frees; this is the fallback
+# wake-up (s, ±20 %) in case the waker died.
+AIQUEUE_CAPACITY_RECHECK = env_int("AIQUEUE_CAPACITY_RECHECK", 120, minimum=1)
+# Deferrable workloads run inside the off-peak window [START, END) (local hours; START == END
+# means always) or while fewer than AIQUEUE_DEFER_QUEUE_BELOW jobs are queued (0 = never).
+AIQUEUE_OFFPEAK_START = env_int("AIQUEUE_OFFPEAK_START", 22, minimum=0)
+AIQUEUE_OFFPEAK_END = env_int("AIQUEUE_OFFPEAK_END", 6, minimum=0)
+AIQUEUE_DEFER_QUEUE_BELOW = env_int("AIQUEUE_DEFER_QUEUE_BELOW", 5, minimum=0)
+# Starvation guard: after this many dequeues from higher queues, a worker looks at `low` first.
+AIQUEUE_STARVATION_GUARD_EVERY = env_int("AIQUEUE_STARVATION_GUARD_EVERY", 10, minimum=1)
 
 # --- Auth, security --------------------------------------------------------------------------
 LOGIN_URL = "login"
@@ -204,10 +263,14 @@ DEFAULT_FROM_EMAIL = env_str("AIQUEUE_FROM_EMAIL", "aiqueue@localhost")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    # job=<code> on every line a job produces (jobs.joblog: set by the runner per run).
+    "filters": {"job": {"()": "jobs.joblog.JobContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s job=%(job)s %(message)s"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["job"]}
+    },
     "root": {"handlers": ["console"], "level": env_str("AIQUEUE_LOG_LEVEL", "INFO")},
     "loggers": {
         "rq.worker": {"level": env_str("AIQUEUE_RQ_LOG_LEVEL", "WARNING")},

@@ -5,7 +5,10 @@ import os
 from django.contrib import admin, messages
 from django.utils.html import format_html
 
+from jobs import budget_admin, operator  # noqa: F401 - budget_admin registers BudgetAdmin
+from jobs.breaker_admin import BreakerAdminMixin
 from jobs.models import ApiToken, Attempt, Job, JobEvent, ModelPrice, Provider, Workload
+from jobs.workload_admin import PromptTemplateVersionInline, prompt_preview
 
 
 class ModelPriceInline(admin.TabularInline):
@@ -14,12 +17,13 @@ class ModelPriceInline(admin.TabularInline):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(BreakerAdminMixin, admin.ModelAdmin):
     list_display = ["name", "kind", "base_url", "api_key_status", "max_concurrency", "is_active"]
     list_filter = ["kind", "is_active"]
     search_fields = ["name", "base_url"]
     inlines = [ModelPriceInline]
-    readonly_fields = ["api_key_status"]
+    readonly_fields = ["api_key_status", "breaker_status"]
+    actions = ["reset_breakers"]
 
     @admin.display(description="API key")
     def api_key_status(self, obj: Provider) -> str:
@@ -39,14 +43,25 @@ class WorkloadAdmin(admin.ModelAdmin):
     list_filter = ["kind", "provider", "is_paused"]
     search_fields = ["name", "description"]
     actions = ["pause", "resume"]
+    # Issue #9: the request a job would send, with the sample input, and the prompt history.
+    readonly_fields = ["template_version", "prompt_preview"]
+    inlines = [PromptTemplateVersionInline]
+
+    @admin.display(description="Prompt preview (with the sample input)")
+    def prompt_preview(self, obj: Workload) -> str:
+        return prompt_preview(obj)
 
     @admin.action(description="Pause selected workloads")
     def pause(self, request, queryset) -> None:
-        queryset.update(is_paused=True)
+        # The same audited action as the dashboard's control (issue #7).
+        for workload in queryset:
+            operator.do_pause_workload(workload, actor=request.user)
 
     @admin.action(description="Resume selected workloads")
     def resume(self, request, queryset) -> None:
-        queryset.update(is_paused=False)
+        # Audited, and wakes the jobs parked while the workload was paused.
+        for workload in queryset:
+            operator.do_resume_workload(workload, actor=request.user)
 
 
 class AttemptInline(admin.TabularInline):
@@ -73,9 +88,13 @@ class JobEventInline(admin.TabularInline):
 
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
-    list_display = ["code", "workload", "status", "priority", "attempt_count", "cost_actual"]
-    list_filter = ["status", "priority", "workload"]
-    search_fields = ["=code", "input_text"]
+    list_display = [
+        "code", "workload", "status", "priority", "attempt_count", "cost_actual", "created_at",
+        "finished_at",
+    ]  # fmt: skip
+    list_filter = ["status", "priority", "workload", "error_class"]
+    search_fields = ["=code", "input_text", "wait_reason"]
+    list_select_related = ["workload"]
     date_hierarchy = "created_at"
     inlines = [AttemptInline, JobEventInline]
     # Status only changes through services (compare-and-set + audit event), never by a form.
@@ -89,9 +108,34 @@ class JobAdmin(admin.ModelAdmin):
 class AttemptAdmin(admin.ModelAdmin):
     """The cost ledger is append-only."""
 
-    list_display = ["job", "number", "provider", "model", "http_status", "error_class", "cost"]
-    list_filter = ["provider", "error_class"]
+    list_display = [
+        "job", "number", "provider", "model", "started_at", "http_status", "error_class",
+        "tokens_in", "tokens_out", "latency_ms", "cost",
+    ]  # fmt: skip
+    list_filter = ["provider", "error_class", "http_status"]
+    search_fields = ["=job__code", "model"]
+    list_select_related = ["job", "provider"]
     date_hierarchy = "started_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(JobEvent)
+class JobEventAdmin(admin.ModelAdmin):
+    """The audit log: read-only, searchable by job code and reason."""
+
+    list_display = ["created_at", "job", "actor", "from_status", "to_status", "reason"]
+    list_filter = ["to_status", "from_status"]
+    search_fields = ["=job__code", "reason", "actor__username"]
+    list_select_related = ["job", "actor"]
+    date_hierarchy = "created_at"
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -1,4 +1,4 @@
-"""JSON API for programs: POST /api/jobs, GET /api/jobs/<code>.
+"""JSON API for programs: POST /api/jobs, GET /api/jobs/<code>, POST /api/jobs/<code>/cancel.
 
 Auth: `Authorization: Bearer <token>` (an ApiToken made in the admin), or the browser session.
 Token requests are exempt from CSRF (no cookie is involved); session requests are not.
@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from functools import wraps
 
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from jobs import services
 from jobs.models import ApiToken, Job, Workload
-from jobs.views import visible_jobs
+from jobs.views import can_change_job, visible_jobs
 
 
 def error(status: int, message: str, **extra) -> JsonResponse:
@@ -71,6 +73,11 @@ def job_json(request: HttpRequest, job: Job) -> dict:
         "error": job.error or None,
         "attempts": job.attempt_count,
         "cost_usd": str(job.cost_actual),
+        "cost_reserved_usd": str(job.cost_reserved),
+        "wait_reason": job.wait_reason or None,
+        "resume_at": job.resume_at.isoformat() if job.resume_at else None,
+        "deadline": job.deadline.isoformat() if job.deadline else None,
+        "scheduled_for": job.scheduled_for.isoformat() if job.scheduled_for else None,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
@@ -98,18 +105,57 @@ def submit(request: HttpRequest) -> HttpResponse:
         return error(400, f"Unknown workload {workload_ref!r}.")
     key = request.headers.get("Idempotency-Key") or body.get("idempotency_key") or ""
     try:
+        deadline = _parse_time(body, "deadline")
+        start_at = _parse_time(body, "start_at")
+    except ValueError as exc:
+        return error(400, str(exc))
+    try:
         job, created = services.do_submit_job(
             workload=workload,
             input_text=input_text,
             user=request.user,
             priority=str(body.get("priority") or ""),
             idempotency_key=str(key),
+            deadline=deadline,
+            start_at=start_at,
         )
+    except services.Overloaded as exc:
+        # Queue full or budget exhausted: nothing was created; the client may come back later.
+        response = error(429, str(exc), retry_after=exc.retry_after)
+        response["Retry-After"] = str(exc.retry_after)
+        return response
     except services.SubmitError as exc:
         return error(400, str(exc))
     response = JsonResponse(job_json(request, job), status=202 if created else 200)
     response["Location"] = job.get_absolute_url()
     return response
+
+
+def _parse_time(body: dict, name: str) -> datetime | None:
+    """An ISO 8601 time with an offset (or a naive one, read in the site's time zone)."""
+    raw = body.get(name)
+    if raw in (None, ""):
+        return None
+    value = parse_datetime(str(raw)) if isinstance(raw, str) else None
+    if value is None:
+        raise ValueError(f"Field {name!r} must be an ISO 8601 date-time.")
+    if timezone.is_naive(value):
+        value = timezone.make_aware(value)
+    return value
+
+
+@require_POST
+@api_auth
+def cancel(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
+    job = visible_jobs(request.user).filter(code=code).first()
+    if job is None:
+        return error(404, "No such job.")
+    if not can_change_job(request.user, job):
+        return error(403, "You cannot cancel this job.")
+    if not services.do_cancel_job(job, actor=request.user, reason="cancelled through the API"):
+        job.refresh_from_db()
+        return error(409, f"The job is {job.status}; not cancelled.", job_status=job.status)
+    return JsonResponse(job_json(request, job))
 
 
 @require_GET

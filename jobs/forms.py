@@ -19,14 +19,96 @@ class SubmitJobForm(forms.Form):
     priority = forms.ChoiceField(
         choices=[("", "Workload default"), *Priority.choices], required=False
     )
+    start_at = forms.DateTimeField(
+        label="Start no earlier than",
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="Optional. Blank: as soon as capacity allows.",
+    )
+    deadline = forms.DateTimeField(
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="Optional. A job that has not started by then expires and costs nothing.",
+    )
     # Set once per rendered form, so a double-click or a resubmitted POST returns the same job.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False, max_length=200)
+
+    # Per-kind fields (issue #9): a workload whose template has named fields gets one input per
+    # field (`field_<name>`), a document workload a file upload, others the single input_text.
+    document = forms.FileField(
+        label="Document",
+        required=False,
+        help_text="PDF, Word (.docx), plain text or Markdown; the type is checked by content.",
+    )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.chosen_workload = self._chosen_workload()
+        workload = self.chosen_workload
+        names = workload.input_fields if workload else ["input"]
+        if workload is not None and workload.kind == Workload.Kind.DOCUMENT:
+            del self.fields["input_text"]
+            self.fields["document"].required = True
+        else:
+            del self.fields["document"]
+            if names != ["input"]:
+                del self.fields["input_text"]
+                for name in names:
+                    self.fields[f"field_{name}"] = forms.CharField(
+                        label=name.replace("_", " ").capitalize(),
+                        widget=forms.Textarea(attrs={"rows": 3}),
+                        max_length=MAX_INPUT_CHARS,
+                        strip=False,
+                    )
+
+    def _chosen_workload(self) -> Workload | None:
+        field = self.fields["workload"]
+        raw = self.data.get(self.add_prefix("workload")) if self.is_bound else None
+        raw = raw or self.initial.get("workload")
+        if isinstance(raw, Workload):
+            return raw
+        chosen = field.queryset.filter(pk=raw).first() if str(raw or "").isdigit() else None
+        return chosen or field.queryset.first()
+
+    @property
+    def per_kind_fields(self) -> list:
+        names = ("input_text", "document")
+        return [f for f in self.visible_fields() if f.name in names or f.name.startswith("field_")]
+
+    @property
+    def common_fields(self) -> list:
+        chosen = {f.name for f in self.per_kind_fields}
+        return [f for f in self.visible_fields() if f.name not in chosen and f.name != "workload"]
 
     def clean_input_text(self) -> str:
         value = self.cleaned_data["input_text"]
         if not value.strip():
             raise forms.ValidationError("Enter the input for the model.")
         return value
+
+    def clean_document(self):
+        from jobs import documents
+
+        upload = self.cleaned_data.get("document")
+        if upload is None:
+            return None
+        try:
+            return documents.read_upload(upload)
+        except documents.DocumentError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        fields = {k.removeprefix("field_"): v for k, v in cleaned.items() if k.startswith("field_")}
+        for name, value in fields.items():
+            if not value.strip():
+                self.add_error(f"field_{name}", "Enter a value.")
+        if fields:
+            from jobs import kinds
+
+            cleaned["input_data"] = fields
+            cleaned["input_text"] = kinds.render_input_text(fields)
+        return cleaned
 
 
 class JobFilterForm(forms.Form):

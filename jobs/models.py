@@ -7,6 +7,7 @@ needed to rebuild it lives here (see jobs.reconcile).
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 from decimal import Decimal
@@ -75,6 +76,29 @@ class Provider(models.Model):
 
     def price_for(self, model: str) -> ModelPrice | None:
         return self.prices.filter(model=model).first()
+
+    @property
+    def read_timeout_g(self) -> str:
+        return f"{self.read_timeout_s:g}"
+
+    def clean(self) -> None:
+        # The read timeout must stay below the job timeout of every workload using it.
+        from django.core.exceptions import ValidationError
+
+        if not self.pk or self.read_timeout_s is None:
+            return
+        tight = Workload.objects.filter(
+            models.Q(provider=self) | models.Q(fallback_provider=self),
+            timeout_s__lte=self.read_timeout_s,
+        ).values_list("name", "timeout_s")[:3]
+        if tight:
+            names = ", ".join(f"{name} ({timeout} s)" for name, timeout in tight)
+            raise ValidationError(
+                {
+                    "read_timeout_s": "Must be below the job timeout of every workload using "
+                    f"this provider: {names}."
+                }
+            )
 
 
 class ModelPrice(models.Model):
@@ -178,6 +202,39 @@ class Workload(models.Model):
         default=False, help_text="May wait for the off-peak window or a quiet queue."
     )
     is_paused = models.BooleanField(default=False)
+    # Per-kind settings (issue #9; see jobs/kinds.py for how each kind uses them).
+    multi_label = models.BooleanField(
+        default=False, help_text="Classify: the answer may hold several labels."
+    )
+    output_schema = models.JSONField(
+        null=True, blank=True, help_text="Extract: the JSON Schema the output must match."
+    )
+    min_output_chars = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Summarize/generate/document: shorter output is invalid."
+    )
+    max_output_chars = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Summarize/generate/document: longer output is invalid."
+    )
+    self_rated_confidence = models.BooleanField(
+        default=False,
+        help_text="Summarize/generate: ask the model to end with 'Confidence: 0..1'.",
+    )
+    chunk_chars = models.PositiveIntegerField(
+        default=4000,
+        validators=[MinValueValidator(200)],
+        help_text="Document: characters per chunk (each chunk is one map call).",
+    )
+    reduce_prompt = models.TextField(
+        blank=True,
+        help_text="Document: the user message that combines the chunk results; {input} is "
+        "replaced by them. Blank: a generic 'combine these partial results' prompt.",
+    )
+    sample_input = models.JSONField(
+        default=dict, blank=True, help_text="Admin preview: a value per input field."
+    )
+    # Bumped whenever the prompts change; each job records the version it ran with and
+    # PromptTemplateVersion keeps the text of every version.
+    template_version = models.PositiveIntegerField(default=1, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -187,9 +244,88 @@ class Workload(models.Model):
     def __str__(self) -> str:
         return self.name
 
-    def render_prompt(self, text: str) -> str:
-        # str.replace, not str.format: submitted text may contain braces.
-        return self.prompt_template.replace("{input}", text)
+    TEMPLATE_FIELDS = ("system_prompt", "prompt_template", "reduce_prompt")
+
+    def save(self, *args, **kwargs) -> None:
+        if self.pk:
+            old = Workload.objects.filter(pk=self.pk).values(*self.TEMPLATE_FIELDS).first()
+            if old and any(old[f] != getattr(self, f) for f in self.TEMPLATE_FIELDS):
+                self.template_version = (
+                    Workload.objects.filter(pk=self.pk).values_list("template_version", flat=True)
+                    .get() + 1
+                )
+        super().save(*args, **kwargs)
+        PromptTemplateVersion.objects.get_or_create(
+            workload=self,
+            version=self.template_version,
+            defaults={f: getattr(self, f) for f in self.TEMPLATE_FIELDS},
+        )
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        from jobs import kinds
+
+        errors = kinds.workload_errors(self)
+        errors.update(self.timeout_errors())
+        if errors:
+            raise ValidationError(errors)
+
+    def timeout_errors(self) -> dict[str, str]:
+        """A provider's read timeout must stay below the job timeout: the call has to time
+        out (and be retried or parked) before RQ's last-resort timeout kills the run."""
+        errors: dict[str, str] = {}
+        for field, provider in (
+            ("provider", self.provider if self.provider_id else None),
+            ("fallback_provider", self.fallback_provider if self.fallback_provider_id else None),
+        ):
+            if provider and self.timeout_s and provider.read_timeout_s >= self.timeout_s:
+                errors[field] = (
+                    f"{provider.name}'s read timeout ({provider.read_timeout_g} s) must be below "
+                    f"this workload's job timeout ({self.timeout_s} s)."
+                )
+        return errors
+
+    @property
+    def input_fields(self) -> list[str]:
+        """The named fields of the prompt template (`{name}` placeholders), in order."""
+        names = list(dict.fromkeys(PLACEHOLDER_RE.findall(self.prompt_template)))
+        return names or ["input"]
+
+    def render_prompt(self, text: str | dict[str, str]) -> str:
+        """The user message: each `{field}` replaced by its value (a plain string fills
+        `{input}`). str.replace, not str.format: submitted text may contain braces."""
+        values = {"input": text} if isinstance(text, str) else text
+        prompt = self.prompt_template
+        for name, value in values.items():
+            prompt = prompt.replace("{" + name + "}", str(value))
+        return prompt
+
+
+# `{name}` with a Python identifier inside: literal JSON such as {"a": 1} is left alone.
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class PromptTemplateVersion(models.Model):
+    """The prompts of one workload as they were at one version (kept for audit and replay)."""
+
+    workload = models.ForeignKey(
+        Workload, on_delete=models.CASCADE, related_name="template_versions"
+    )
+    version = models.PositiveIntegerField()
+    system_prompt = models.TextField(blank=True)
+    prompt_template = models.TextField()
+    reduce_prompt = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["workload", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["workload", "version"], name="unique_template_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workload} v{self.version}"
 
 
 class Job(models.Model):
@@ -239,6 +375,23 @@ class Job(models.Model):
     cost_actual = models.DecimalField(max_digits=14, decimal_places=8, default=Decimal("0"))
     cost_reserved = models.DecimalField(max_digits=14, decimal_places=8, default=Decimal("0"))
     is_human_approved = models.BooleanField(default=False)
+    # A reviewer's corrected output; `output_text` keeps what the model said. See final_output.
+    corrected_output = models.TextField(blank=True)
+    # Per-job changes a reviewer asked for on retry (provider id, model, temperature, prompt);
+    # jobs.runner.build_request applies them over the workload's settings.
+    overrides = models.JSONField(default=dict, blank=True)
+    # Issue #9: named template fields, the parsed output (labels, extracted object), the prompt
+    # version the job ran with, and where it came from (a CSV batch row, a document's chunk).
+    input_data = models.JSONField(default=dict, blank=True)
+    output_data = models.JSONField(null=True, blank=True)
+    template_version = models.PositiveIntegerField(null=True, blank=True)
+    batch = models.ForeignKey(
+        "batches.Batch", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
+    chunk_index = models.PositiveIntegerField(null=True, blank=True)
 
     # Fencing token for the current run: a worker that lost its run (presumed dead, job
     # recovered and started elsewhere) cannot finish the job because its token no longer matches.
@@ -256,6 +409,7 @@ class Job(models.Model):
         indexes = [
             models.Index(fields=["status", "created_at"]),
             models.Index(fields=["workload", "status"]),
+            models.Index(fields=["batch", "status"]),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -281,6 +435,17 @@ class Job(models.Model):
 
     def can_cancel(self) -> bool:
         return self.status in self.CANCELLABLE_STATUSES
+
+    @property
+    def total_cost(self) -> Decimal:
+        """What the job cost: its own calls plus, for a document, every chunk's calls."""
+        children = self.children.aggregate(total=models.Sum("cost_actual"))["total"]
+        return (self.cost_actual or Decimal(0)) + (children or Decimal(0))
+
+    @property
+    def final_output(self) -> str:
+        """What the job delivers: a reviewer's correction if there is one, else the model's."""
+        return self.corrected_output or self.output_text
 
 
 class Attempt(models.Model):
@@ -365,3 +530,124 @@ class ApiToken(models.Model):
         self.prefix = key[:10]
         self.digest = self.hash_key(key)
         return key
+
+
+NANOS_PER_USD = Decimal(1_000_000_000)
+
+
+def usd_to_nanos(amount: Decimal | int | float) -> int:
+    """USD → integer billionths, rounded up (a reservation must never be too small)."""
+    from math import ceil
+
+    return int(ceil(Decimal(amount) * NANOS_PER_USD))
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    return (Decimal(nanos) / NANOS_PER_USD).quantize(Decimal("0.00000001"))
+
+
+class Budget(models.Model):
+    """A spending cap for one period, global (no workload) or for one workload.
+
+    The amounts are integer billionths of a USD so that the conditional update that admits a
+    job (`spent + reserved + x <= cap`, see jobs.flow.budgets) is exact on every database;
+    SQLite would otherwise compare decimals as floats.
+    """
+
+    class Period(models.TextChoices):
+        DAY = "day", "Day"
+        MONTH = "month", "Month"
+
+    class OnExhausted(models.TextChoices):
+        HOLD = "hold", "Hold jobs until the budget frees"
+        REJECT = "reject", "Reject at submit"
+
+    name = models.CharField(max_length=100, unique=True)
+    workload = models.ForeignKey(
+        Workload,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+        help_text="Empty: a global budget that every job counts against.",
+    )
+    period = models.CharField(max_length=10, choices=Period.choices, default=Period.MONTH)
+    cap_usd = models.DecimalField(
+        "cap (USD)", max_digits=12, decimal_places=4, validators=[MinValueValidator(Decimal(0))]
+    )
+    alert_threshold = models.FloatField(
+        default=0.8,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Fraction of the cap (spent + reserved) at which the budget is flagged.",
+    )
+    on_exhausted = models.CharField(
+        max_length=10, choices=OnExhausted.choices, default=OnExhausted.HOLD
+    )
+    cap_nanos = models.BigIntegerField(default=0, editable=False)
+    spent_nanos = models.BigIntegerField(default=0, editable=False)
+    reserved_nanos = models.BigIntegerField(default=0, editable=False)
+    period_start = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["workload__name", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs) -> None:
+        self.cap_nanos = usd_to_nanos(self.cap_usd or 0)
+        if self._state.adding:
+            from jobs.flow.budgets import period_start_for
+
+            self.period_start = period_start_for(self.period, timezone.now())
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and "cap_usd" in update_fields:
+            kwargs["update_fields"] = {*update_fields, "cap_nanos"}
+        # Never write the counters from a stale in-memory copy: they move by atomic updates.
+        if not self._state.adding and update_fields is None:
+            kwargs["update_fields"] = [
+                f.attname
+                for f in self._meta.concrete_fields
+                if not f.primary_key and f.attname not in {"spent_nanos", "reserved_nanos"}
+            ]
+        super().save(*args, **kwargs)
+
+    @property
+    def spent_usd(self) -> Decimal:
+        return nanos_to_usd(self.spent_nanos)
+
+    @property
+    def reserved_usd(self) -> Decimal:
+        return nanos_to_usd(self.reserved_nanos)
+
+    @property
+    def remaining_usd(self) -> Decimal:
+        return nanos_to_usd(max(0, self.cap_nanos - self.spent_nanos - self.reserved_nanos))
+
+    @property
+    def used_fraction(self) -> float:
+        if self.cap_nanos <= 0:
+            return 1.0
+        return (self.spent_nanos + self.reserved_nanos) / self.cap_nanos
+
+    @property
+    def is_alerting(self) -> bool:
+        return self.used_fraction >= self.alert_threshold
+
+
+class BudgetReservation(models.Model):
+    """What one job still holds on one budget: its worst-case cost minus what it has settled."""
+
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="reservations")
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="budget_reservations")
+    amount_nanos = models.BigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["budget", "job"], name="unique_reservation_per_job")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job.code} on {self.budget}"

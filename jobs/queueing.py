@@ -8,11 +8,13 @@ says queued and the reconciler will enqueue it again.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from datetime import datetime
 
 import django_rq
 import redis
+from rq import get_current_job
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
@@ -43,7 +45,21 @@ def enqueue_at(job: Job, when: datetime) -> bool:
     return _enqueue(job, at=when)
 
 
+# Enqueues held back until the RQ job that asked for them has been cleaned up (see _enqueue).
+_held = threading.local()
+
+
 def _enqueue(job: Job, *, at: datetime | None) -> bool:
+    current = get_current_job()
+    if current is not None and current.id == job.rq_job_id:
+        # A run re-scheduling its own job (parked: Retry-After, open breaker, retry budget).
+        # Its RQ entry has the same id and RQ deletes that entry's hash once the run returns
+        # (result_ttl 0), which would take the new schedule with it. The worker makes the
+        # enqueue after RQ's cleanup (jobs.worker.Worker.perform_job -> run_held_enqueues).
+        if not hasattr(_held, "items"):
+            _held.items = []
+        _held.items.append((job, at))
+        return True
     options = {
         "job_id": job.rq_job_id,
         "job_timeout": job.workload.timeout_s + RQ_TIMEOUT_MARGIN_S,
@@ -61,6 +77,13 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
         return False
     return True
+
+
+def run_held_enqueues() -> None:
+    """Make the enqueues that runs held back for their own job (see _enqueue)."""
+    items, _held.items = getattr(_held, "items", []), []
+    for job, at in items:
+        _enqueue(job, at=at)
 
 
 def remove(job: Job) -> None:

@@ -5,7 +5,11 @@ flush, failover) and a worker can die mid-run. Each pass:
 
 1. enqueues jobs whose row says queued but whose RQ entry is gone or finished;
 2. recovers jobs stuck in running whose heartbeat stopped (their worker died): back to queued;
-3. wakes waiting jobs whose resume time has passed but whose scheduled RQ entry is gone.
+3. wakes waiting jobs whose resume time has passed but whose scheduled RQ entry is gone;
+4. returns review items whose claim expired to the inbox's pool;
+5. flow control (jobs.admission.housekeeping): expires jobs past their deadline, releases
+   budget reservations of jobs that ended without settling, starts new budget periods and
+   resumes held jobs that now fit.
 
 It is idempotent and safe to run from several processes at once: recovery is a
 compare-and-set on the row, and an enqueue of a job that is already queued only overwrites its
@@ -22,8 +26,9 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import queueing, services
+from jobs import admission, queueing, services
 from jobs.models import Job
+from review import services as review_services
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ class Report:
     requeued: int = 0
     recovered: int = 0
     woken: int = 0
+    claims_released: int = 0
+    expired: int = 0
+    reservations_released: int = 0
+    unheld: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -47,9 +56,26 @@ def run() -> Report:
     _recover_stale_runs(report, now)
     _requeue_lost(report, now)
     _wake_overdue(report, now)
+    report.claims_released = review_services.release_expired_claims(now)
+    flow = admission.housekeeping(now)
+    report.expired = flow.expired
+    report.reservations_released = flow.reservations_released
+    report.unheld = flow.unheld
+    _admit_batches()
     if any(report.as_dict().values()):
         log.warning("reconciler: %s", report.as_dict())
     return report
+
+
+def _admit_batches() -> None:
+    """Running batches admit their next wave here too (a safety net for the wave refill that
+    settling jobs trigger), and batches whose rows have all settled are marked completed."""
+    from batches import services as batch_services  # batches depend on jobs, not the reverse
+
+    try:
+        batch_services.admit_running()
+    except Exception:
+        log.exception("reconciler: batch admission failed; the next pass will try again")
 
 
 def run_if_due(interval_s: int) -> Report | None:
@@ -88,9 +114,9 @@ def _requeue_lost(report: Report, now) -> None:
 def _wake_overdue(report: Report, now) -> None:
     cutoff = now - timedelta(seconds=settings.AIQUEUE_ENQUEUE_GRACE)
     overdue = list(
-        Job.objects.filter(status=Job.Status.WAITING, resume_at__lt=cutoff).select_related(
-            "workload"
-        )[:BATCH]
+        Job.objects.filter(
+            status__in=[Job.Status.WAITING, Job.Status.SCHEDULED], resume_at__lt=cutoff
+        ).select_related("workload")[:BATCH]
     )
     try:
         missing = queueing.missing_rq_jobs(overdue)

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from decimal import Decimal
 
@@ -18,76 +19,144 @@ from django.db import connection as db_connection
 from django.db.models import F
 from django.utils import timezone
 
-from jobs import services
-from jobs.models import Attempt, Job, Workload
-from jobs.providers.base import Completion, CompletionRequest, ProviderError
+from jobs import admission, dbconn, documents, heartbeats, joblog, kinds, live, retries, services
+from jobs.models import Attempt, Job, Provider
+from jobs.providers.base import (
+    Completion,
+    CompletionRequest,
+    DeltaCallback,
+    ProviderError,
+    structured_confidence,
+)
 from jobs.providers.registry import get_provider
+from review import rules as review_rules
+from review import services as review_services
 
 log = logging.getLogger(__name__)
 
 
 def execute(code: str, *, worker: str = "") -> str:
     """Run the job with this code if it is still queued. Returns the job's final status."""
+    # Every log line of this run, from any module, carries job=<code> (jobs.joblog).
+    with joblog.job_context(code):
+        return _execute(code, worker=worker)
+
+
+def _execute(code: str, *, worker: str = "") -> str:
     job = Job.objects.select_related("workload__provider").filter(code=code).first()
     if job is None:
         log.warning("job=%s not found; dropping its queue entry", code)
         return "missing"
-    if job.status == Job.Status.WAITING and job.resume_at and job.resume_at <= timezone.now():
+    if (
+        job.status in (Job.Status.WAITING, Job.Status.SCHEDULED)
+        and job.resume_at
+        and job.resume_at <= timezone.now()
+    ):
         # Its scheduled wake-up: back to queued, and this worker runs it now.
         services.do_resume_job(job, reason="resume time reached", enqueue=False)
     if job.status != Job.Status.QUEUED:
         # Cancelled, expired, still waiting, or already run elsewhere (a duplicate queue
         # entry): nothing to do.
         return job.status
-    token = services.do_start_run(job, worker=worker)
-    if token is None:
-        return Job.objects.get(pk=job.pk).status
-    with heartbeat(job, token):
-        _run(job, token)
+    # Deadline, schedule, pause, off-peak, concurrency caps, rate limits (jobs.admission):
+    # a job that may not run now is parked there and this worker moves on.
+    lease = admission.admit(job)
+    if lease is None:
+        return job.status
+    token = None
+    try:
+        token = services.do_start_run(job, worker=worker)
+        if token is None:
+            return Job.objects.get(pk=job.pk).status
+        with heartbeat(job, token, on_beat=lease.renew):
+            _run(job, token)
+    finally:
+        # Free the slots, wake the next waiter, give back an unspent reservation: whatever
+        # ended the run (BaseException included: timeouts, shutdown).
+        admission.finish(job, lease, ran=token is not None)
     return job.status
 
 
 def _run(job: Job, token: uuid.UUID) -> None:
+    if documents.is_document_parent(job) and not documents.ready_to_reduce(job, token):
+        return  # the document's chunks were fanned out (or are still running): it waits
     request = build_request(job)
+    # Streamed tokens go to the job's page as they arrive, throttled (jobs.live).
+    stream = live.OutputStream(
+        job,
+        on_first=lambda: services.do_set_progress(
+            job, stage="streaming", message=f"attempt {job.attempt_count}", token=token
+        ),
+    )
     try:
-        completion = call_provider(job, request)
+        # The one retry layer: breaker, retry budget, backoff, parking (jobs.retries).
+        completion = retries.call_with_retries(
+            job,
+            token,
+            request,
+            primary=override_provider(job) or job.workload.provider,
+            call=call_provider,
+            on_delta=stream,
+        )
+    except retries.RunEnded:
+        return  # parked (waiting, with its reason and resume time) or no longer this run's
     except ProviderError as exc:
         handle_failure(job, token, exc)
         return
+    if completion.confidence is None:
+        completion.confidence = structured_confidence(completion.text)
+    stream.close()
+    services.do_set_progress(job, stage="validating", token=token)
     handle_output(job, token, completion)
 
 
 def build_request(job: Job) -> CompletionRequest:
-    workload: Workload = job.workload
-    return CompletionRequest(
-        model=workload.model,
-        system_prompt=workload.system_prompt,
-        user_prompt=workload.render_prompt(job.input_text),
-        max_output_tokens=workload.max_output_tokens,
-        temperature=workload.temperature,
-        labels=list(workload.labels or []),
-    )
+    # Per-kind prompt, labels, schema and streaming: jobs.kinds.
+    request = kinds.build_request(job)
+    # A reviewer's retry may override model, temperature and prompt (review.services.do_retry).
+    overrides = job.overrides or {}
+    request.model = overrides.get("model") or request.model
+    request.user_prompt = overrides.get("prompt") or request.user_prompt
+    request.temperature = overrides.get("temperature", request.temperature)
+    return request
 
 
 def handle_failure(job: Job, token: uuid.UUID, exc: ProviderError) -> None:
-    services.do_fail_run(job, token, error=exc.message, error_class=exc.error_class)
-    log.info("job=%s failed: %s", job.code, exc.message)
+    # A final failure (permanent error, or retries exhausted) goes to a human, who retries
+    # or rejects it; the error stays on the job either way.
+    reason, evidence = review_rules.rule_for_failure(job, exc)
+    review_services.do_escalate(
+        job, token, reason=reason, evidence=evidence, error=exc.message,
+        error_class=exc.error_class,
+    )  # fmt: skip
+    log.info("job=%s failed, escalated to review: %s", job.code, exc.message)
+    kinds.after_run(job)
 
 
 def handle_output(job: Job, token: uuid.UUID, completion: Completion) -> None:
-    services.do_finish_run(
-        job, token, output_text=completion.text, confidence=completion.confidence
-    )
-    log.info("job=%s succeeded", job.code)
+    # Parse and validate per kind (one repair call for extract); then the review rules (low
+    # confidence, sampling) decide between finishing and escalating: jobs.kinds.
+    kinds.handle_output(job, token, completion, build_request(job), call=call_provider)
 
 
-def call_provider(job: Job, request: CompletionRequest) -> Completion:
-    """One provider call, recorded in the ledger whatever happens (settled in `finally`)."""
+def call_provider(
+    job: Job,
+    request: CompletionRequest,
+    on_delta: DeltaCallback | None = None,
+    *,
+    provider: Provider | None = None,
+    read_timeout: float | None = None,
+) -> Completion:
+    """One provider call, recorded in the ledger whatever happens (settled in `finally`).
+    `on_delta` receives each chunk of text of a streamed answer as it arrives. `provider` is
+    the one jobs.retries chose (the fallback while the primary's breaker is open);
+    `read_timeout` is clamped below what is left of the run's time."""
     workload = job.workload
-    provider_row = workload.provider
+    provider_row = provider or override_provider(job) or workload.provider
     number = Job.objects.filter(pk=job.pk).values_list("attempt_count", flat=True).get() + 1
     Job.objects.filter(pk=job.pk).update(attempt_count=number)
     job.attempt_count = number
+    services.do_set_progress(job, stage="calling", message=f"attempt {number}")
     attempt = Attempt(
         job=job,
         number=number,
@@ -98,7 +167,11 @@ def call_provider(job: Job, request: CompletionRequest) -> Completion:
     started = time.monotonic()
     completion: Completion | None = None
     try:
-        completion = get_provider(provider_row).complete(request)
+        # The call waits seconds: give a pooled DB connection back meanwhile (jobs.dbconn).
+        dbconn.release_while_waiting()
+        completion = get_provider(provider_row, read_timeout=read_timeout).complete(
+            request, on_delta
+        )
         return completion
     except ProviderError as exc:
         attempt.http_status = exc.status
@@ -124,10 +197,27 @@ def call_provider(job: Job, request: CompletionRequest) -> Completion:
             job.cost_actual = (job.cost_actual or Decimal(0)) + Decimal(attempt.cost)
 
 
+def override_provider(job: Job) -> Provider | None:
+    """The provider a reviewer chose for this job's retry, if any (and still active)."""
+    provider_id = (job.overrides or {}).get("provider_id")
+    if not provider_id:
+        return None
+    return Provider.objects.filter(pk=provider_id, is_active=True).first()
+
+
 @contextmanager
-def heartbeat(job: Job, token: uuid.UUID):
+def heartbeat(job: Job, token: uuid.UUID, on_beat: Callable[[], None] | None = None):
     """Keep `heartbeat_at` fresh while the run is alive, so the reconciler can tell a slow
-    job from one whose worker died."""
+    job from one whose worker died. `on_beat` runs at each beat too (lease renewal)."""
+    beats = heartbeats.active()
+    if beats is not None:
+        # A threaded worker beats for all its runs in one query (jobs.heartbeats).
+        beats.add(job.pk, token, on_beat)
+        try:
+            yield
+        finally:
+            beats.remove(token)
+        return
     stop = threading.Event()
     interval = settings.AIQUEUE_HEARTBEAT_INTERVAL
 
@@ -135,6 +225,8 @@ def heartbeat(job: Job, token: uuid.UUID):
         try:
             while not stop.wait(interval):
                 Job.objects.filter(pk=job.pk, run_token=token).update(heartbeat_at=timezone.now())
+                if on_beat is not None:
+                    on_beat()
         finally:
             # Django connections are per thread: this one would otherwise leak.
             db_connection.close()

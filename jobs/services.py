@@ -18,7 +18,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from jobs import queueing
-from jobs.models import Job, JobEvent, Priority, Workload
+from jobs.flow import backpressure, budgets
+from jobs.models import Budget, Job, JobEvent, Priority, Workload
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,15 @@ MAX_INPUT_CHARS = 100_000
 
 class SubmitError(Exception):
     """The submission was refused; the message is safe to show to the submitter."""
+
+
+class Overloaded(SubmitError):
+    """Refused for now (queue full, budget exhausted): try again after `retry_after` seconds.
+    The API answers 429 with Retry-After."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def transition(
@@ -69,10 +79,46 @@ def transition(
             reason=reason[:300],
             data=data or {},
         )
+        publish_on_commit(job)
     job.status = to_status
     for name, value in fields.items():
         setattr(job, name, value)
     return True
+
+
+def publish_on_commit(job: Job, *, created: bool = False) -> None:
+    """Push the job's new state to its page, the job list and the dashboard once committed
+    (jobs.live). Registered inside the transaction, so a rollback publishes nothing."""
+    from jobs import live  # rendering pulls in templates and the channel layer: load lazily
+
+    job_pk = job.pk
+    transaction.on_commit(lambda: live.publish_job(job_pk, created=created))
+
+
+def do_set_progress(
+    job: Job,
+    *,
+    stage: str,
+    message: str = "",
+    percent: int | None = None,
+    token: uuid.UUID | None = None,
+) -> bool:
+    """Record how far a running job has got (no status change, no audit event) and publish
+    it. With the run's `token`, only that run can write its progress."""
+    fields: dict[str, Any] = {"stage": stage, "progress_message": message[:300]}
+    if percent is not None:
+        fields["progress_percent"] = max(0, min(100, int(percent)))
+    extra = {"run_token": token} if token is not None else {}
+    with transaction.atomic():
+        updated = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, **extra).update(
+            updated_at=timezone.now(), **fields
+        )
+        if updated:
+            publish_on_commit(job)
+    if updated:
+        for name, value in fields.items():
+            setattr(job, name, value)
+    return bool(updated)
 
 
 def do_submit_job(
@@ -82,20 +128,31 @@ def do_submit_job(
     user: AbstractBaseUser | None,
     priority: str = "",
     idempotency_key: str = "",
+    input_data: dict[str, Any] | None = None,
+    batch: Any = None,
+    parent: Job | None = None,
+    chunk_index: int | None = None,
+    max_input_chars: int = MAX_INPUT_CHARS,
+    publish: bool = True,
+    deadline: datetime | None = None,
+    start_at: datetime | None = None,
 ) -> tuple[Job, bool]:
     """Persist a job and enqueue it once the row is committed.
 
     Returns (job, created). With an idempotency key seen from the same user in the last 24 h,
-    returns the existing job and creates nothing.
+    returns the existing job and creates nothing. `input_data` holds named template fields
+    (or a document's metadata); `batch`, `parent` and `chunk_index` say where the job came
+    from (a CSV batch row, a document chunk: see batches/ and jobs/documents.py).
     """
     if not input_text.strip():
         raise SubmitError("Input is empty.")
-    if len(input_text) > MAX_INPUT_CHARS:
-        raise SubmitError(f"Input is longer than {MAX_INPUT_CHARS:,} characters.")
+    if len(input_text) > max_input_chars:
+        raise SubmitError(f"Input is longer than {max_input_chars:,} characters.")
     if workload.is_paused:
         raise SubmitError(f"Workload {workload.name!r} is paused; try again later.")
     if priority and priority not in Priority.values:
         raise SubmitError(f"Unknown priority {priority!r}.")
+    _check_times(deadline, start_at)
     idempotency_key = idempotency_key.strip()[:200]
     submitter = user if user is not None and user.is_authenticated else None
 
@@ -115,18 +172,34 @@ def do_submit_job(
         stage="queued",
         created_at=now,
         queued_at=now,
+        input_data=input_data or {},
+        batch=batch,
+        parent=parent,
+        chunk_index=chunk_index,
+        deadline=deadline,
     )
     try:
         with transaction.atomic():
+            if batch is None and parent is None:
+                # A batch or a document's chunks were admitted as one submission.
+                refusal = backpressure.check(workload)
+                if refusal is not None:
+                    raise Overloaded(refusal.message, retry_after=refusal.retry_after)
             job.save()
+            reason = _admit_at_submit(job, start_at)
             JobEvent.objects.create(
                 job=job,
                 created_at=now,
                 actor=submitter,
-                to_status=Job.Status.QUEUED,
-                reason="submitted",
+                to_status=job.status,
+                reason=reason,
             )
-            transaction.on_commit(lambda: queueing.enqueue(job))
+            if job.status == Job.Status.QUEUED:
+                transaction.on_commit(lambda: queueing.enqueue(job))
+            elif job.status == Job.Status.SCHEDULED:
+                transaction.on_commit(lambda: queueing.enqueue_at(job, job.resume_at))
+            if publish:  # batch waves skip it: their page polls, and a wave is 100s of jobs
+                publish_on_commit(job, created=True)
     except IntegrityError:
         # Two submissions with the same key raced; the other one won. Return it.
         existing = _find_idempotent(submitter, idempotency_key) if idempotency_key else None
@@ -134,6 +207,68 @@ def do_submit_job(
             raise
         return existing, False
     return job, True
+
+
+def _check_times(deadline: datetime | None, start_at: datetime | None) -> None:
+    now = timezone.now()
+    if deadline is not None and deadline <= now:
+        raise SubmitError("The deadline is in the past.")
+    if deadline is not None and start_at is not None and start_at >= deadline:
+        raise SubmitError("The start time must be before the deadline.")
+
+
+def _admit_at_submit(job: Job, start_at: datetime | None) -> str:
+    """Inside the submit transaction: reserve the job's worst-case cost, then decide its
+    first status (queued, scheduled for `start_at`, or held by an exhausted budget). A
+    rejecting budget raises, rolling back the row. Returns the audit reason."""
+    try:
+        exhausted = budgets.reserve_for(job)
+    except budgets.CannotEstimate as exc:
+        raise SubmitError(f"Not submitted: {exc}") from exc
+    fields: dict[str, Any] = {}
+    reason = "submitted"
+    if exhausted is not None:
+        if exhausted.on_exhausted == Budget.OnExhausted.REJECT:
+            raise Overloaded(
+                budgets.reject_message(exhausted),
+                retry_after=budgets.seconds_until_renewal(exhausted),
+            )
+        why = budgets.hold_reason(exhausted)
+        fields = {"status": Job.Status.HELD, "stage": "held", "wait_reason": why[:200]}
+        reason = f"submitted; {why}"
+    elif start_at is not None and start_at > timezone.now():
+        fields = {
+            "status": Job.Status.SCHEDULED,
+            "stage": "scheduled",
+            "wait_reason": f"scheduled to start at {start_at.isoformat()}"[:200],
+            "resume_at": start_at,
+        }
+        reason = "submitted; scheduled"
+    if start_at is not None:
+        fields["scheduled_for"] = start_at
+    if fields:
+        Job.objects.filter(pk=job.pk).update(**fields)
+        for name, value in fields.items():
+            setattr(job, name, value)
+    return reason
+
+
+def do_expire_job(job: Job, *, reason: str = "deadline passed") -> bool:
+    """A job that has not started by its deadline expires: it never runs, and what it
+    reserved on its budgets is given back."""
+    won = transition(
+        job,
+        [Job.Status.QUEUED, Job.Status.WAITING, Job.Status.HELD, Job.Status.SCHEDULED],
+        Job.Status.EXPIRED,
+        reason=reason,
+        stage="done",
+        finished_at=timezone.now(),
+        run_token=None,
+    )
+    if won:
+        budgets.release(job)
+        transaction.on_commit(lambda: queueing.remove(job))
+    return won
 
 
 def _find_idempotent(user: AbstractBaseUser | None, key: str) -> Job | None:
@@ -220,6 +355,8 @@ def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "")
         run_token=None,
     )
     if won:
+        # A running job's in-flight call still settles its actual cost when it lands.
+        budgets.release(job)
         transaction.on_commit(lambda: queueing.remove(job))
     return won
 

@@ -8,12 +8,13 @@ from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs import services
+from jobs import dashboard as dashboard_data
+from jobs import documents, services
 from jobs.forms import JobFilterForm, SubmitJobForm
 from jobs.models import Job, Workload
 
@@ -38,14 +39,11 @@ def can_change_job(user, job: Job) -> bool:
 
 
 def dashboard(request: HttpRequest) -> HttpResponse:
-    jobs = visible_jobs(request.user)
-    counts = dict(jobs.order_by().values_list("status").annotate(n=Count("id")))
-    context = {
-        "counts": [(value, label, counts.get(value, 0)) for value, label in Job.Status.choices],
-        "recent": jobs[:10],
-        "workloads": Workload.objects.select_related("provider"),
-    }
-    return render(request, "jobs/dashboard.html", context)
+    # A live region's re-fetch (static/js/live.js, the health panel's poll) renders only that
+    # region; jobs.dashboard builds just what it needs.
+    part = dashboard_data.requested_part(request)
+    template = "jobs/dashboard.html" + (f"#{part}" if part else "")
+    return render(request, template, dashboard_data.context(request, part))
 
 
 def job_list(request: HttpRequest) -> HttpResponse:
@@ -71,17 +69,30 @@ def job_list(request: HttpRequest) -> HttpResponse:
 
 def job_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
-        form = SubmitJobForm(request.POST)
+        form = SubmitJobForm(request.POST, request.FILES)
         if form.is_valid():
             try:
-                job, created = services.do_submit_job(
-                    workload=form.cleaned_data["workload"],
-                    input_text=form.cleaned_data["input_text"],
-                    user=request.user,
-                    priority=form.cleaned_data["priority"],
-                    idempotency_key=form.cleaned_data["idempotency_key"],
-                )
+                if form.cleaned_data.get("document") is not None:
+                    job, created = documents.do_submit_document(
+                        workload=form.cleaned_data["workload"],
+                        document=form.cleaned_data["document"],
+                        user=request.user,
+                        priority=form.cleaned_data["priority"],
+                        idempotency_key=form.cleaned_data["idempotency_key"],
+                    )
+                else:
+                    job, created = services.do_submit_job(
+                        workload=form.cleaned_data["workload"],
+                        input_text=form.cleaned_data["input_text"],
+                        user=request.user,
+                        priority=form.cleaned_data["priority"],
+                        idempotency_key=form.cleaned_data["idempotency_key"],
+                        start_at=form.cleaned_data.get("start_at"),
+                        deadline=form.cleaned_data.get("deadline"),
+                        input_data=form.cleaned_data.get("input_data"),
+                    )
             except services.SubmitError as exc:
+                # Backpressure and budget refusals say why and when to come back.
                 form.add_error(None, str(exc))
             else:
                 if created:
@@ -95,7 +106,10 @@ def job_new(request: HttpRequest) -> HttpResponse:
         if workload:
             initial["workload"] = workload
         form = SubmitJobForm(initial=initial)
-    return render(request, "jobs/new.html", {"form": form})
+    template = "jobs/new.html"
+    if request.htmx and not request.htmx.boosted:
+        template += "#workload-fields"  # the workload changed: only its fields are swapped
+    return render(request, template, {"form": form})
 
 
 def job_detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
@@ -113,6 +127,33 @@ def job_context(request: HttpRequest, job: Job) -> dict:
         "events": job.events.select_related("actor"),
         "can_change": can_change_job(request.user, job),
     }
+
+
+@require_POST
+def job_cancel_bulk(request: HttpRequest) -> HttpResponse:
+    """Cancel the jobs ticked on the list (one POST), those the user may change."""
+    codes = []
+    for raw in request.POST.getlist("codes")[: settings.AIQUEUE_JOBS_PER_PAGE * 4]:
+        try:
+            codes.append(uuid.UUID(raw))
+        except ValueError:
+            continue
+    cancelled = skipped = 0
+    for job in visible_jobs(request.user).filter(code__in=codes):
+        if can_change_job(request.user, job) and services.do_cancel_job(
+            job, actor=request.user, reason="cancelled from the job list"
+        ):
+            cancelled += 1
+        else:
+            skipped += 1
+    if cancelled:
+        messages.success(request, f"{cancelled} job(s) cancelled.")
+    if skipped:
+        messages.warning(request, f"{skipped} job(s) had already finished or were not yours.")
+    if not codes:
+        messages.info(request, "Tick the jobs to cancel first.")
+    back = request.POST.get("next", "")
+    return redirect(back if back.startswith("/jobs/") else "jobs:list")
 
 
 @require_POST

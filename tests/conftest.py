@@ -47,6 +47,12 @@ class Simulator:
             self.control(**config)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    # Browser tests last: Playwright's sync API keeps an event loop on the main thread while its
+    # session-wide browser lives, and async_to_sync refuses to run under it.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
 def start_process(args: list[str], ready_text: str, env: dict | None = None) -> subprocess.Popen:
     process = subprocess.Popen(
         args,

@@ -7,9 +7,12 @@ produce mock here and nowhere else.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -133,9 +136,18 @@ class BaseProvider:
 
     default_base_url = ""
 
-    def __init__(self, provider: Provider, client: httpx.Client) -> None:
+    def __init__(
+        self, provider: Provider, client: httpx.Client, *, read_timeout: float | None = None
+    ) -> None:
         self.provider = provider
         self.client = client
+        # The runner clamps the read timeout below what is left of the job's run time; the
+        # same figure bounds a whole streamed answer (httpx's read timeout is per chunk).
+        self.read_timeout = read_timeout or provider.read_timeout_s
+
+    def timeout(self) -> httpx.Timeout:
+        connect = self.provider.connect_timeout_s
+        return httpx.Timeout(connect=connect, read=self.read_timeout, write=connect, pool=connect)
 
     @property
     def base_url(self) -> str:
@@ -160,7 +172,9 @@ class BaseProvider:
 
     def post(self, path: str, *, json: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
         try:
-            response = self.client.post(self.base_url + path, json=json, headers=headers)
+            response = self.client.post(
+                self.base_url + path, json=json, headers=headers, timeout=self.timeout()
+            )
         except httpx.TimeoutException as exc:
             raise ProviderError(
                 f"timeout: {type(exc).__name__}", retryable=True, error_class="timeout"
@@ -174,14 +188,21 @@ class BaseProvider:
     def stream_lines(self, path: str, *, json: dict[str, Any], headers: dict[str, str]):
         """Yield the `data:` payloads of a server-sent-event response."""
         try:
+            deadline = time.monotonic() + self.read_timeout
             with self.client.stream(
-                "POST", self.base_url + path, json=json, headers=headers
+                "POST", self.base_url + path, json=json, headers=headers, timeout=self.timeout()
             ) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise ProviderError.from_response(response, error_message(response))
                 event = ""
                 for line in response.iter_lines():
+                    if time.monotonic() > deadline:
+                        raise ProviderError(
+                            f"timeout: the stream took longer than {self.read_timeout:g} s",
+                            retryable=True,
+                            error_class="timeout",
+                        )
                     if line.startswith("event:"):
                         event = line[6:].strip()
                     elif line.startswith("data:"):
@@ -211,28 +232,61 @@ def label_confidence(logprob: float | None) -> float | None:
     return None if logprob is None else round(math.exp(logprob), 6)
 
 
-# One pooled client per provider per process. Threads in a worker share it; it is rebuilt
-# when the provider row changes (timeouts edited in the admin).
-_clients: dict[tuple[int, float], httpx.Client] = {}
+def structured_confidence(text: str) -> float | None:
+    """The model's own confidence from a structured answer: a JSON object's top-level
+    "confidence" in [0, 1] (or a percentage in (1, 100]). None when there is none."""
+    body = text.strip()
+    if not body.startswith("{"):
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    value = data.get("confidence") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    if 1 < value <= 100:
+        value = value / 100
+    return float(value) if 0 <= value <= 1 else None
+
+
+# A few pooled clients per provider per process, handed out round-robin to the threads of a
+# worker. One httpx pool shared by many threads serialises them on its lock: with 100 threads
+# at 250 ms latency one client reached 30% of the ideal rate, four 74% (bench/httpclients.py,
+# docs/benchmarks.md; encode/httpx#3215). Rebuilt when the provider row changes (timeouts
+# edited in the admin).
+_clients: dict[tuple[int, float], tuple[list[httpx.Client], itertools.count]] = {}
 _clients_lock = threading.Lock()
 
 
 def client_for(provider: Provider) -> httpx.Client:
+    from django.conf import settings
+
     key = (provider.pk, provider.updated_at.timestamp() if provider.updated_at else 0.0)
     with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
+        entry = _clients.get(key)
+        if entry is None:
             for old_key in [k for k in _clients if k[0] == provider.pk]:
-                _clients.pop(old_key).close()
+                for old in _clients.pop(old_key)[0]:
+                    old.close()
             timeout = httpx.Timeout(
                 connect=provider.connect_timeout_s,
                 read=provider.read_timeout_s,
                 write=provider.connect_timeout_s,
                 pool=provider.connect_timeout_s,
             )
-            client = httpx.Client(
-                timeout=timeout,
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            )
-            _clients[key] = client
-        return client
+            # retries=0 said out loud: the one retry layer is jobs.retries (retries stacked
+            # in several layers multiply).
+            clients = [
+                httpx.Client(
+                    timeout=timeout,
+                    transport=httpx.HTTPTransport(
+                        retries=0,
+                        limits=httpx.Limits(max_connections=50, max_keepalive_connections=50),
+                    ),
+                )
+                for _ in range(settings.AIQUEUE_HTTP_CLIENTS)
+            ]
+            entry = _clients[key] = (clients, itertools.count())
+        clients, turns = entry
+        return clients[next(turns) % len(clients)]

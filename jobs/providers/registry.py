@@ -27,5 +27,7 @@ PROVIDER_CLASSES: dict[str, type[BaseProvider]] = {
 }
 
 
-def get_provider(provider: Provider) -> BaseProvider:
-    return PROVIDER_CLASSES[provider.kind](provider, client_for(provider))
+def get_provider(provider: Provider, *, read_timeout: float | None = None) -> BaseProvider:
+    return PROVIDER_CLASSES[provider.kind](
+        provider, client_for(provider), read_timeout=read_timeout
+    )

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -54,6 +56,19 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
 class LiveApp:
     url: str
     port: int
+    start_web: Callable[[], subprocess.Popen]
+    web: subprocess.Popen
+
+    def stop_web(self) -> None:
+        """Stop the ASGI server (open websockets drop), e.g. to test reconnecting."""
+        self.web.terminate()
+        self.web.wait(timeout=15)
+
+    def restart_web(self) -> None:
+        if self.web.poll() is None:
+            self.stop_web()
+        self.web = self.start_web()
+        wait_for_port(self.port)
 
 
 @pytest.fixture
@@ -67,20 +82,24 @@ def live_app(transactional_db, simulator, redis_conn, tmp_path):
         "AIQUEUE_RECONCILE_INTERVAL": "2",
         "PYTHONPATH": str(BASE_DIR),
     }
-    web = spawn(
-        [sys.executable, "-m", "uvicorn", "aiqueue.asgi:application", "--port", str(port),
-         "--log-level", "warning"],
-        tmp_path,
-        env,
-    )  # fmt: skip
+
+    def start_web() -> subprocess.Popen:
+        return spawn(
+            [sys.executable, "-m", "uvicorn", "aiqueue.asgi:application", "--port", str(port),
+             "--log-level", "warning"],
+            tmp_path,
+            env,
+        )  # fmt: skip
+
+    app = LiveApp(url=f"http://127.0.0.1:{port}", port=port, start_web=start_web, web=start_web())
     worker = spawn([sys.executable, "manage.py", "worker", "--no-scheduler"], tmp_path, env)
     try:
         wait_for_port(port)
-        yield LiveApp(url=f"http://127.0.0.1:{port}", port=port)
+        yield app
     finally:
-        for process in (web, worker):
+        for process in (app.web, worker):
             process.terminate()
-        for process in (web, worker):
+        for process in (app.web, worker):
             process.wait(timeout=15)
 
 

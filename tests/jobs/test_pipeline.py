@@ -51,14 +51,14 @@ def test_worker_runs_job_to_success_with_ledger_entry(redis_conn, workload, user
     ]
 
 
-def test_permanent_provider_error_fails_the_job_with_the_error(
+def test_permanent_provider_error_sends_the_job_to_review_with_the_error(
     redis_conn, workload, user, simulator, run_worker
 ):
     simulator.control(script=[400])
     job = submit(workload, user)
     run_worker()
     job.refresh_from_db()
-    assert job.status == "failed"
+    assert job.status == "needs_review"  # a human retries or rejects it (review app)
     assert job.error_class == "http_400"
     assert "400" in job.error
     assert Attempt.objects.get(job=job).http_status == 400

@@ -25,8 +25,9 @@ def test_submit_persists_job_and_audit_event(workload, user, django_capture_on_c
     assert [(e.from_status, e.to_status, e.reason) for e in job.events.all()] == [
         ("", "queued", "submitted")
     ]
-    # Enqueue waits for the commit, so a worker can never see a job that is not saved.
-    assert len(callbacks) == 1
+    # Enqueue (and the live publish) wait for the commit, so a worker can never see a job
+    # that is not saved.
+    assert len(callbacks) == 2
 
 
 def test_submit_uses_priority_override(workload, user):

@@ -14,6 +14,33 @@ DEMO_MODEL = "sim-small"
 
 DEMO_WORKLOADS = [
     {
+        # Named template fields: the form shows one input per field, and a CSV batch maps one
+        # column to each (columns named "product" and "review" are mapped automatically).
+        "name": "Product review sentiment",
+        "kind": Workload.Kind.CLASSIFY,
+        "description": "Tag customer reviews by sentiment; built for CSV batches.",
+        "system_prompt": "Classify the sentiment of the product review.",
+        "prompt_template": "Product: {product}\nReview: {review}",
+        "labels": ["positive", "neutral", "negative"],
+        "max_output_tokens": 5,
+        "confidence_threshold": 0.5,
+        "default_priority": "low",
+        "sample_input": {"product": "Kettle", "review": "Boils fast, but the lid rattles."},
+    },
+    {
+        "name": "Contract digest",
+        "kind": Workload.Kind.DOCUMENT,
+        "description": "Upload a contract (PDF, .docx, text): each part is summarized, then "
+        "combined into one digest.",
+        "system_prompt": "You summarize parts of legal documents for busy staff.",
+        "prompt_template": "Summarize the obligations, dates and amounts in this part:\n\n{input}",
+        "reduce_prompt": "Combine these part summaries into one digest of the whole contract, "
+        "with a bullet list of obligations and deadlines:\n\n{input}",
+        "chunk_chars": 3000,
+        "max_output_tokens": 400,
+        "sample_input": {"input": "1. The supplier delivers 200 units by 1 March 2025."},
+    },
+    {
         "name": "Support ticket triage",
         "kind": Workload.Kind.CLASSIFY,
         "description": "Route a support ticket to the right team.",
@@ -29,6 +56,18 @@ DEMO_WORKLOADS = [
         "description": "Pull vendor, total and due date out of invoice text.",
         "system_prompt": "Extract the invoice fields as JSON.",
         "max_output_tokens": 300,
+        "output_schema": {
+            "type": "object",
+            "properties": {
+                "vendor": {"type": "string"},
+                "total": {"type": "number", "minimum": 0},
+                "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+                "due_date": {"type": "string", "format": "date"},
+            },
+            "required": ["vendor", "total", "due_date"],
+            "additionalProperties": False,
+        },
+        "sample_input": {"input": "ACME GmbH invoice 1042: total 1,250.00 EUR, due 2025-07-01."},
     },
     {
         "name": "Meeting notes summary",
@@ -66,8 +105,12 @@ class Command(BaseCommand):
         for spec in DEMO_WORKLOADS:
             spec = dict(spec)
             name = spec.pop("name")
-            _, was_created = Workload.objects.get_or_create(
+            workload, was_created = Workload.objects.get_or_create(
                 name=name, defaults={**spec, "provider": provider, "model": DEMO_MODEL}
             )
             created += was_created
+            if not was_created and spec.get("output_schema") and not workload.output_schema:
+                # A demo database from before extract schemas existed: give it the schema.
+                workload.output_schema = spec["output_schema"]
+                workload.save(update_fields=["output_schema", "updated_at"])
         self.stdout.write(f"demo data ready ({created} workload(s) created)")

@@ -1,0 +1,163 @@
+"""spike: a burst of submissions while people use the site, queue vs synchronous calls.
+
+    .venv/bin/python bench/spike.py [--submissions 1000] [--latency-ms 2000] [--senders 100]
+                                    [--timeout 10] [--quick]
+
+The simulator answers after --latency-ms. --senders client threads send --submissions POSTs as
+fast as they can, while a logged-in probe GETs the dashboard every 100 ms. Same ASGI server
+(uvicorn, 1 process), same machine, two apps:
+
+- aiqueue: POST /api/jobs (row + enqueue, answer 202); one `manage.py worker` runs the jobs;
+- sync baseline: POST /bench/sync-submit, a bench-only view (bench/sync_baseline.py, mounted
+  by bench.sync_baseline_settings) that calls the provider inside the request.
+
+Printed per side: accept latency p50/p99 (submission answered), probe p50/p99, errors and
+timeouts (--timeout s per request), and provider calls made while the burst lasted.
+--quick: 200 submissions, 40 senders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import Stack, percentile, print_table  # noqa: E402
+
+
+def burst(stack: Stack, base: str, path: str, key: str, workload: str, options) -> dict[str, float]:
+    n, senders, timeout = options.submissions, options.senders, options.timeout
+    accept: list[float] = []
+    probe: list[float] = []
+    failures = {"errors": 0, "timeouts": 0, "probe_errors": 0, "probe_timeouts": 0}
+    lock = threading.Lock()
+    counter = iter(range(n))
+    burst_over = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(base_url=base, timeout=timeout) as client:
+            while (i := next(counter, None)) is not None:
+                started = time.monotonic()
+                try:
+                    response = client.post(
+                        path,
+                        json={"workload": workload, "input": f"spike text {i}"},
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                    ok = response.status_code in (200, 202)
+                except httpx.TimeoutException:
+                    with lock:
+                        failures["timeouts"] += 1
+                    continue
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    if ok:
+                        accept.append(time.monotonic() - started)
+                    else:
+                        failures["errors"] += 1
+
+    def watch() -> None:
+        client = stack.login_client(base, timeout=timeout)
+        while not burst_over.is_set():
+            started = time.monotonic()
+            try:
+                response = client.get("/")
+                if response.status_code == 200:
+                    probe.append(time.monotonic() - started)
+                else:
+                    failures["probe_errors"] += 1
+            except httpx.TimeoutException:
+                failures["probe_timeouts"] += 1
+            except httpx.HTTPError:
+                failures["probe_errors"] += 1
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+        client.close()
+
+    stack.sim_reset_counters()
+    prober = threading.Thread(target=watch)
+    prober.start()
+    time.sleep(1.0)  # a few quiet probes first
+    started = time.monotonic()
+    threads = [threading.Thread(target=send) for _ in range(senders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    duration = time.monotonic() - started
+    time.sleep(1.0)
+    burst_over.set()
+    prober.join()
+    return {
+        "accept_p50": percentile(accept, 50) * 1000,
+        "accept_p99": percentile(accept, 99) * 1000,
+        "probe_p50": percentile(probe, 50) * 1000,
+        "probe_p99": percentile(probe, 99) * 1000,
+        "probes": len(probe),
+        "accepted": len(accept),
+        "duration": duration,
+        "calls": stack.sim_counters()["requests_total"],
+        **failures,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--submissions", type=int, default=1000)
+    parser.add_argument("--latency-ms", type=int, default=2000)
+    parser.add_argument("--senders", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true")
+    options = parser.parse_args()
+    if options.quick:
+        options.submissions, options.senders = 200, 40
+
+    with Stack(sim_latency_ms=options.latency_ms) as stack:
+        stack.django()
+        workload = stack.make_workload("Bench spike", max_output_tokens=40)
+        key = stack.api_token()
+        stack.user()
+
+        web = stack.start_web(workers=1)
+        stack.start_workers(1, args=["--no-scheduler"])
+        queued = burst(stack, web, "/api/jobs", key, workload.name, options)
+        # Stop aiqueue's web and worker: the baseline gets the machine to itself.
+        for process in stack.processes[-2:]:
+            stack.stop_process(process, grace=5)
+
+        sync_web = stack.start_web(workers=1, settings_module="bench.sync_baseline_settings")
+        sync = burst(stack, sync_web, "/bench/sync-submit", key, workload.name, options)
+
+    rows = []
+    for name, r in (("aiqueue (queue)", queued), ("sync baseline (inline call)", sync)):
+        rows.append(
+            [
+                name,
+                f"{r['accepted']}/{options.submissions}",
+                f"{r['accept_p50']:.0f} / {r['accept_p99']:.0f}",
+                f"{r['probe_p50']:.0f} / {r['probe_p99']:.0f}",
+                f"{r['errors']} / {r['timeouts']}",
+                f"{r['probe_errors']} / {r['probe_timeouts']}",
+                r["calls"],
+                f"{r['duration']:.1f}",
+            ]
+        )
+    print_table(
+        ["app", "accepted", "accept p50/p99 ms", "probe p50/p99 ms", "errors/timeouts",
+         "probe err/timeouts", "provider calls", "burst s"],
+        rows,
+        title=f"spike: {options.submissions} submissions from {options.senders} senders, "
+        f"simulator {options.latency_ms} ms, 1 uvicorn process each, timeout {options.timeout} s",
+    )  # fmt: skip
+    ratio = sync["probe_p99"] / queued["probe_p99"] if queued["probe_p99"] else float("nan")
+    print(f"probe p99: sync / aiqueue = {ratio:.1f}x (target >= 20x; a timed-out probe is not "
+          "in the percentiles, see the timeouts column)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

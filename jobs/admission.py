@@ -1,0 +1,209 @@
+"""Admission: may this queued job run now? Decided right before the run starts.
+
+`admit()` either returns a Lease (the job may start; the runner holds the lease for the run and
+passes it back to `finish()` in `finally`) or parks/expires the job and returns None. A job
+that cannot run yet never holds a worker: it is parked (`services.do_park_job`) with a reason
+and a wake-up time, and woken earlier when capacity frees.
+
+In order:
+1. deadline passed → expired (it never calls the provider);
+2. a requested start time in the future → scheduled until then;
+3. workload paused → waiting ("workload paused"), woken when an operator resumes it;
+4. deferrable workload outside the off-peak window and the queue not quiet → scheduled until
+   the window opens;
+5. concurrency caps (provider, workload) → a lease, or waiting on the resource's wait list;
+6. rate limits (provider rpm, tpm) → charged, or waiting until the exact time GCRA allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import django_rq
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from jobs import queueing, services
+from jobs.flow import budgets, leases, rate_limits
+from jobs.models import Job, Workload
+
+log = logging.getLogger(__name__)
+
+PAUSED_REASON = "workload paused"
+WAKE_ATTEMPTS = 20
+
+
+def admit(job: Job) -> leases.Lease | None:
+    now = timezone.now()
+    workload: Workload = job.workload
+    if job.deadline and job.deadline <= now:
+        services.do_expire_job(job, reason="deadline passed before the job could start")
+        return None
+    if job.scheduled_for and job.scheduled_for > now:
+        _park(
+            job,
+            f"scheduled to start at {job.scheduled_for:%Y-%m-%d %H:%M %Z}",
+            job.scheduled_for,
+            status=Job.Status.SCHEDULED,
+        )
+        return None
+    if workload.is_paused:
+        _park(job, PAUSED_REASON, now + _recheck())
+        return None
+    if workload.is_deferrable and not may_run_deferrable(now):
+        start = next_offpeak_start(now)
+        _park(
+            job,
+            f"deferred to the off-peak window (from {timezone.localtime(start):%H:%M})",
+            start,
+            status=Job.Status.SCHEDULED,
+        )
+        return None
+
+    resources = leases.resources_for(workload)
+    got = leases.acquire(job, resources)
+    if isinstance(got, leases.Refused):
+        if _park(job, got.reason, now + _recheck()) and leases.in_use(got.resource) < got.limit:
+            # A slot freed between our refusal and the park, and its release found nobody
+            # parked yet to wake: wake ourselves rather than wait for the fallback.
+            _wake_one(got.resource, str(job.code))
+        return None
+
+    decision = rate_limits.acquire(workload.provider, _token_cost(job))
+    if not decision.allowed:
+        finish(job, got, ran=False)
+        _park(job, decision.reason, now + timedelta(seconds=decision.wait_s))
+        return None
+    return got
+
+
+def finish(job: Job, lease: leases.Lease | None, *, ran: bool) -> None:
+    """After a run (in `finally`): free the slots and wake the next waiters; if the job can no
+    longer spend, give back the rest of its budget reservation."""
+    try:
+        if lease is not None and lease.resources:
+            woken = leases.release(lease)
+            for resource, code in zip(lease.resources, woken, strict=False):
+                if code:
+                    _wake_one(resource, code)
+    finally:
+        if ran:
+            status = Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+            if status not in budgets.ACTIVE_STATUSES:
+                budgets.release(job)
+
+
+def _wake_one(resource: leases.Resource, code: str | None) -> None:
+    """Resume the first waiter that still wants to run (skipping cancelled ones)."""
+    for _ in range(WAKE_ATTEMPTS):
+        if not code:
+            return
+        job = Job.objects.select_related("workload").filter(code=code).first()
+        if job is not None and job.status == Job.Status.WAITING:
+            # Drop its fallback wake-up first, so the RQ id is not queued twice.
+            queueing.remove(job)
+            if services.do_resume_job(job, reason=f"capacity freed on {resource.label}"):
+                return
+        # Cancelled, finished, already back in the queue, or about to park (a parking job
+        # checks for room itself right after parking): the next waiter gets the slot.
+        code = leases.pop_waiter(resource)
+
+
+def _park(job: Job, reason: str, resume_at: datetime, *, status: str = Job.Status.WAITING) -> bool:
+    if job.deadline and resume_at > job.deadline:
+        # Wake at the deadline, so the job expires on time instead of sleeping past it.
+        resume_at = job.deadline
+    return services.do_park_job(job, reason=reason, resume_at=resume_at, status=status)
+
+
+def _recheck() -> timedelta:
+    """The fallback wake-up of a capacity waiter; jittered so waiters do not wake together."""
+    base = settings.AIQUEUE_CAPACITY_RECHECK
+    return timedelta(seconds=base * random.uniform(0.8, 1.2))
+
+
+def _token_cost(job: Job) -> int:
+    workload = job.workload
+    return budgets.estimate_input_tokens(workload, job.input_text) + workload.max_output_tokens
+
+
+# --- deferrable work ------------------------------------------------------------------------
+
+
+def in_offpeak_window(now: datetime) -> bool:
+    start, end = settings.AIQUEUE_OFFPEAK_START, settings.AIQUEUE_OFFPEAK_END
+    hour = timezone.localtime(now).hour
+    if start == end:
+        return True
+    if start < end:
+        return start <= hour < end
+    return hour >= start or hour < end  # the window spans midnight
+
+
+def next_offpeak_start(now: datetime) -> datetime:
+    local = timezone.localtime(now)
+    start = local.replace(hour=settings.AIQUEUE_OFFPEAK_START, minute=0, second=0, microsecond=0)
+    if start <= local:
+        start += timedelta(days=1)
+    return start
+
+
+def queue_depth() -> int:
+    try:
+        return sum(len(django_rq.get_queue(name)) for name in settings.RQ_QUEUE_NAMES)
+    except redis.RedisError:
+        return 0
+
+
+def may_run_deferrable(now: datetime) -> bool:
+    """Inside the off-peak window, or while the queues are quieter than the threshold."""
+    if in_offpeak_window(now):
+        return True
+    threshold = settings.AIQUEUE_DEFER_QUEUE_BELOW
+    return threshold > 0 and queue_depth() < threshold
+
+
+# --- pause / resume -------------------------------------------------------------------------
+
+
+def wake_paused(workload: Workload, *, actor=None) -> int:
+    """Resume the jobs that were parked because the workload was paused."""
+    woken = 0
+    parked = Job.objects.filter(
+        workload=workload, status=Job.Status.WAITING, wait_reason=PAUSED_REASON
+    ).select_related("workload")
+    for job in parked.order_by("created_at", "id"):
+        if services.do_resume_job(job, reason="workload resumed", actor=actor):
+            woken += 1
+    return woken
+
+
+# --- reconciler -----------------------------------------------------------------------------
+
+
+@dataclass
+class Housekeeping:
+    expired: int = 0
+    reservations_released: int = 0
+    unheld: int = 0
+
+
+def housekeeping(now: datetime) -> Housekeeping:
+    """The flow-control part of a reconciler pass (jobs.reconcile)."""
+    done = Housekeeping()
+    overdue = Job.objects.filter(
+        status__in=[Job.Status.QUEUED, Job.Status.WAITING, Job.Status.HELD, Job.Status.SCHEDULED],
+        deadline__lte=now,
+    ).select_related("workload")
+    for job in overdue[:500]:
+        if services.do_expire_job(job, reason="deadline passed before the job could start"):
+            done.expired += 1
+    done.reservations_released = budgets.release_leaked()
+    budgets.roll_periods(now)
+    if Job.objects.filter(status=Job.Status.HELD).exists():
+        done.unheld = budgets.release_held()
+    return done

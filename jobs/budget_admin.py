@@ -1,0 +1,86 @@
+"""Admin for budgets: cap, period and policy are edited here; spent and reserved are shown,
+never edited (they move only by atomic updates, see jobs.flow.budgets). Imported by
+jobs.admin so that admin autodiscovery registers it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.contrib import admin
+from django.db.models import Q, Sum
+from django.urls import reverse
+from django.utils.html import format_html
+
+from jobs.models import Attempt, Budget
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "scope",
+        "period",
+        "cap_usd",
+        "spent",
+        "reserved",
+        "remaining",
+        "usage",
+        "on_exhausted",
+    ]
+    list_filter = ["period", "on_exhausted"]
+    search_fields = ["name", "workload__name"]
+    fields = [
+        "name",
+        "workload",
+        "period",
+        "cap_usd",
+        "alert_threshold",
+        "on_exhausted",
+        "period_start",
+        "spent",
+        "reserved",
+        "remaining",
+        "usage",
+        "ledger",
+    ]
+    readonly_fields = ["period_start", "spent", "reserved", "remaining", "usage", "ledger"]
+
+    @admin.display(description="scope")
+    def scope(self, obj: Budget) -> str:
+        return obj.workload.name if obj.workload_id else "global"
+
+    @admin.display(description="spent (USD)")
+    def spent(self, obj: Budget) -> Decimal:
+        return obj.spent_usd
+
+    @admin.display(description="reserved (USD)")
+    def reserved(self, obj: Budget) -> Decimal:
+        return obj.reserved_usd
+
+    @admin.display(description="remaining (USD)")
+    def remaining(self, obj: Budget) -> Decimal:
+        return obj.remaining_usd
+
+    @admin.display(description="used")
+    def usage(self, obj: Budget) -> str:
+        percent = f"{obj.used_fraction * 100:.0f}%"
+        if obj.is_alerting:
+            return format_html('<strong style="color:#c0392b">{} (alert)</strong>', percent)
+        return percent
+
+    @admin.display(description="attempts this period (ledger)")
+    def ledger(self, obj: Budget) -> str:
+        if obj.pk is None:
+            return "—"
+        attempts = Attempt.objects.filter(started_at__gte=obj.period_start)
+        if obj.workload_id:
+            attempts = attempts.filter(Q(job__workload_id=obj.workload_id))
+        total = attempts.aggregate(n=Sum("cost"))["n"] or Decimal(0)
+        url = reverse("admin:jobs_attempt_changelist")
+        return format_html(
+            '{} attempt(s), {} USD — <a href="{}?started_at__gte={}">see the ledger</a>',
+            attempts.count(),
+            total,
+            url,
+            obj.period_start.strftime("%Y-%m-%d %H:%M:%S"),
+        )

@@ -1,0 +1,82 @@
+"""Websocket consumers: thin. Check who may listen, join the right group, forward what the
+workers publish (jobs.live renders it; nothing is rendered here).
+
+A connection that may not listen is accepted and closed at once with code 4403, rather than
+refused during the handshake: browsers report a refused handshake as 1006, which the htmx ws
+extension treats as a network failure and retries forever; 4403 ends it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from jobs import live
+from jobs.views import can_change_job, visible_jobs
+
+FORBIDDEN = 4403
+
+
+class _LiveConsumer(AsyncWebsocketConsumer):
+    groups_joined: list[str]
+
+    async def connect(self) -> None:
+        self.groups_joined = []
+        user = self.scope.get("user")
+        group = None
+        if user is not None and user.is_authenticated:
+            group = await database_sync_to_async(self.authorize)(user)
+        if group is None:
+            await self.accept()
+            await self.close(code=FORBIDDEN)
+            return
+        # Join before accepting: the page re-fetches its state when the socket opens, so
+        # anything committed after that re-fetch must already reach this connection.
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.groups_joined.append(group)
+        await self.accept()
+
+    def authorize(self, user) -> str | None:
+        """Return the group this user may join, or None. Runs in a thread (ORM)."""
+        raise NotImplementedError
+
+    async def disconnect(self, code: int) -> None:
+        for group in self.groups_joined:
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+
+class JobConsumer(_LiveConsumer):
+    """``/ws/jobs/<code>/``: one job's page, for users who may see that job."""
+
+    def authorize(self, user) -> str | None:
+        code = self.scope["url_route"]["kwargs"]["code"]
+        job = visible_jobs(user).filter(code=code).first()
+        if job is None:
+            return None
+        self.actions_variant = "change" if can_change_job(user, job) else "view"
+        return live.job_group(job.code)
+
+    async def job_update(self, event: dict) -> None:
+        await self.send(text_data=event["html"] + event["actions"][self.actions_variant])
+
+    async def job_output(self, event: dict) -> None:
+        await self.send(text_data=event["html"])
+
+
+class JobListConsumer(_LiveConsumer):
+    """``/ws/jobs/?parts=row,counters``: the job list and the dashboard. Operators follow every
+    job, everyone else only their own; the page names the parts it has targets for."""
+
+    def authorize(self, user) -> str | None:
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        wanted = {name for value in query.get("parts", []) for name in value.split(",")}
+        known = [*live.LIST_PARTS, live.NEW_JOB_PART]
+        self.parts = [name for name in known if name in wanted] or list(live.LIST_PARTS)
+        return live.list_group_for(user)
+
+    async def jobs_update(self, event: dict) -> None:
+        html = "".join(event["parts"][name] for name in self.parts if name in event["parts"])
+        if html:
+            await self.send(text_data=html)

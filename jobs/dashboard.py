@@ -1,0 +1,128 @@
+"""What the dashboard page shows: the context for its full render and for each live region.
+
+The page (templates/jobs/dashboard.html) has two live regions:
+
+- ``job-counters``: jobs by status, pushed over the websocket by jobs.live on every job change
+  (issue #5's mechanism) and re-fetched when the socket (re)connects;
+- ``dashboard-live``: the workload health panel (operators only). It is heavier (a few dozen
+  aggregate queries), so it is not pushed from workers on every change: the page re-fetches it
+  when a websocket update arrives (throttled to one fetch per 2 s per viewer) and every 5 s
+  regardless, so breaker and capacity changes that move no job still show up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count
+from django.http import HttpRequest
+
+from jobs import charts, operator, stats
+from jobs.live import status_counts
+from jobs.models import Job, Workload
+
+PARTS = ("job-counters", "dashboard-live")
+SPANS = {"hour": ("Last hour", "%H:%M"), "day": ("Last day", "%H:%M")}
+
+
+def can_view_health(user) -> bool:
+    return user.has_perm("jobs.view_job")
+
+
+def permissions(user) -> dict[str, bool]:
+    """Which operator controls the user may use (each view checks again)."""
+    return {
+        "workloads": user.has_perm("jobs.change_workload"),
+        "jobs": user.has_perm("jobs.change_job"),
+        "providers": user.has_perm("jobs.change_provider"),
+        "budgets": user.has_perm("jobs.change_budget"),
+    }
+
+
+def requested_part(request: HttpRequest) -> str | None:
+    """The live region an htmx request re-fetches (by its target id), None for the full page."""
+    if not request.htmx or request.htmx.boosted:
+        return None
+    target = request.htmx.target or ""
+    return target if target in PARTS else "job-counters"
+
+
+def requested_span(request: HttpRequest) -> str:
+    span = request.GET.get("span", "hour")
+    return span if span in SPANS else "hour"
+
+
+def context(request: HttpRequest, part: str | None = None) -> dict[str, Any]:
+    from jobs.views import visible_jobs
+
+    user = request.user
+    data: dict[str, Any] = {"show_health": can_view_health(user)}
+    if part == "dashboard-live" and not data["show_health"]:
+        raise PermissionDenied("The health panel is for operators.")
+    if part in (None, "job-counters"):
+        jobs = visible_jobs(user)
+        counts = dict(jobs.order_by().values_list("status").annotate(n=Count("id")))
+        data["counts"] = status_counts(counts)
+    if part is None:
+        data["recent"] = visible_jobs(user)[:10]
+        data["workloads"] = Workload.objects.select_related("provider")
+    if part in (None, "dashboard-live") and data["show_health"]:
+        data.update(health_context(request))
+    return data
+
+
+def health_context(request: HttpRequest) -> dict[str, Any]:
+    span = requested_span(request)
+    snap = stats.snapshot(spans=[span])
+    can = permissions(request.user)
+    return {
+        "snap": snap,
+        "span": span,
+        "spans": [(key, label) for key, (label, _fmt) in SPANS.items()],
+        "charts": build_charts(snap.series[span], SPANS[span][1]),
+        "can": can,
+        "simulator": operator.simulator_state() if can["providers"] else None,
+        "actions": operator.recent_actions(),
+        "held_total": snap.overall.held,
+        "job_statuses": Job.Status,
+    }
+
+
+def build_charts(series: stats.Series, time_format: str) -> list[charts.Chart]:
+    return [
+        charts.line_chart(
+            "Throughput",
+            "/min",
+            series.starts,
+            [("jobs finished per minute", "line-a", series.throughput)],
+            time_format=time_format,
+        ),
+        charts.line_chart(
+            "Latency p95",
+            " s",
+            series.starts,
+            [
+                ("queue wait", "line-b", series.queue_wait_p95),
+                ("run time", "line-a", series.run_time_p95),
+            ],
+            time_format=time_format,
+        ),
+        charts.line_chart(
+            "Spend",
+            "$",
+            series.starts,
+            [("USD per bucket", "line-c", series.spend)],
+            time_format=time_format,
+        ),
+        charts.line_chart(
+            "Queue depth",
+            "",
+            series.starts,
+            [
+                ("queued", "line-a", series.queued),
+                ("waiting + held", "line-b", series.backlog),
+            ],
+            time_format=time_format,
+        ),
+    ]

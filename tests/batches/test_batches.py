@@ -1,0 +1,208 @@
+"""Batches end to end: upload, map, preview, waves of admission, pause/resume/cancel, results."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from batches import services
+from batches.models import Batch, BatchRow
+from jobs.models import Job, Workload
+from tests.conftest import queued_ids
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def sentiment(provider) -> Workload:
+    return Workload.objects.create(
+        name="Sentiment",
+        kind=Workload.Kind.CLASSIFY,
+        provider=provider,
+        model="sim-small",
+        prompt_template="Product: {product}\nReview: {review}",
+        labels=["positive", "neutral", "negative"],
+        max_output_tokens=5,
+    )
+
+
+def csv_bytes(rows: list[list[str]]) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def make_batch(workload, user, rows, **kwargs) -> Batch:
+    return services.do_create_batch(
+        workload=workload, filename="reviews.csv", data=csv_bytes(rows), user=user, **kwargs
+    )
+
+
+REVIEWS = [
+    ["product", "review"],
+    ["Kettle", "Boils fast.\nQuiet too."],
+    ["Toaster", ""],
+    ["Lamp", "Too dim, returned it"],
+]
+
+
+def test_upload_shows_preview_and_row_errors_before_anything_is_queued(
+    redis_conn, sentiment, user_client
+):
+    upload = SimpleUploadedFile("reviews.csv", csv_bytes(REVIEWS), content_type="text/csv")
+    response = user_client.post(
+        "/batches/new/", {"workload": sentiment.pk, "file": upload, "priority": "low"}
+    )
+    batch = Batch.objects.get()
+    assert response.status_code == 302
+    assert response["Location"] == batch.get_absolute_url()
+
+    page = user_client.get(batch.get_absolute_url()).content.decode()
+    assert "Boils fast." in page  # the preview shows the mapped input
+    assert "empty value for &#x27;review&#x27;" in page  # row 2, reported
+    assert batch.status == "draft"
+    assert (batch.total_rows, batch.invalid_rows) == (3, 1)
+    assert batch.estimated_cost > 0
+    assert Job.objects.count() == 0
+    assert queued_ids() == []
+
+
+def test_missing_column_blocks_the_start_until_it_is_mapped(redis_conn, sentiment, user):
+    batch = make_batch(sentiment, user, [["product", "comment"], ["Kettle", "Great"]])
+    assert services.mapping_problems(batch) == ["Input field 'review' has no column: choose one."]
+    with pytest.raises(services.BatchError, match="'review' has no column"):
+        services.do_start_batch(batch)
+
+    services.do_set_mapping(batch, {"product": "product", "review": "comment"})
+    batch.refresh_from_db()
+    assert services.mapping_problems(batch) == []
+    assert batch.invalid_rows == 0
+    assert BatchRow.objects.get().input_data == {"product": "Kettle", "review": "Great"}
+
+
+def test_batch_is_admitted_in_waves_and_completes(redis_conn, sentiment, user, run_worker):
+    rows = [["product", "review"]] + [[f"Item {i}", f"Review number {i}"] for i in range(10)]
+    batch = make_batch(sentiment, user, rows)
+    Batch.objects.filter(pk=batch.pk).update(max_in_flight=4)
+    batch.refresh_from_db()
+
+    assert services.do_start_batch(batch) == 4
+    assert len(queued_ids()) == 4  # not 10: the rest wait as pending rows
+    assert BatchRow.objects.filter(batch=batch, job__isnull=True).count() == 6
+
+    run_worker()  # each settled job refills the wave once it is half empty
+
+    batch.refresh_from_db()
+    assert batch.status == "completed"
+    assert Job.objects.filter(batch=batch, status="succeeded").count() == 10
+    progress = services.progress(batch)
+    assert (progress.done, progress.remaining) == (10, 0)
+    assert progress.spent > 0
+
+
+def test_bad_rows_are_skipped_and_good_rows_run(redis_conn, sentiment, user, run_worker):
+    batch = make_batch(sentiment, user, REVIEWS)
+    services.do_start_batch(batch)
+    run_worker()
+    batch.refresh_from_db()
+    assert batch.status == "completed"
+    assert Job.objects.filter(batch=batch).count() == 2
+    assert BatchRow.objects.get(number=2).job is None
+
+
+def test_pause_stops_admission_and_resume_continues(redis_conn, sentiment, user, run_worker):
+    rows = [["product", "review"]] + [[f"Item {i}", "Fine"] for i in range(6)]
+    batch = make_batch(sentiment, user, rows)
+    Batch.objects.filter(pk=batch.pk).update(max_in_flight=2)
+    batch.refresh_from_db()
+    services.do_start_batch(batch)
+    assert services.do_pause_batch(batch)
+
+    run_worker()  # the wave in flight finishes; nothing new is admitted
+    assert Job.objects.filter(batch=batch).count() == 2
+    assert services.admit_running() == 0
+
+    assert services.do_resume_batch(batch)
+    run_worker()
+    batch.refresh_from_db()
+    assert batch.status == "completed"
+    assert Job.objects.filter(batch=batch, status="succeeded").count() == 6
+
+
+def test_cancel_cancels_jobs_in_flight_and_pending_rows_never_run(
+    redis_conn, sentiment, user, run_worker, simulator
+):
+    rows = [["product", "review"]] + [[f"Item {i}", "Fine"] for i in range(5)]
+    batch = make_batch(sentiment, user, rows)
+    Batch.objects.filter(pk=batch.pk).update(max_in_flight=2)
+    batch.refresh_from_db()
+    services.do_start_batch(batch)
+
+    assert services.do_cancel_batch(batch, actor=user) == 2
+    run_worker()
+    assert simulator.counters()["requests_total"] == 0
+    assert set(Job.objects.filter(batch=batch).values_list("status", flat=True)) == {"cancelled"}
+    assert services.progress(batch).remaining == 0
+
+
+def test_results_csv_has_inputs_outputs_and_status_partial_or_complete(
+    redis_conn, sentiment, user, user_client, run_worker
+):
+    rows = REVIEWS + [['=HYPERLINK("x")', "formula in the input"]]
+    batch = make_batch(sentiment, user, rows)
+    Batch.objects.filter(pk=batch.pk).update(max_in_flight=2)
+    services.do_start_batch(Batch.objects.get(pk=batch.pk))
+
+    partial = download(user_client, batch)
+    assert [r["status"] for r in partial] == ["queued", "invalid", "queued", "pending"]
+
+    run_worker()
+    result = download(user_client, batch)
+    assert [r["status"] for r in result] == ["succeeded", "invalid", "succeeded", "succeeded"]
+    first = result[0]
+    assert first["review"] == "Boils fast.\nQuiet too."
+    assert first["output"] in {"positive", "neutral", "negative"}
+    assert float(first["confidence"]) > 0
+    assert float(first["cost_usd"]) > 0
+    assert result[1]["error"].startswith("empty value")
+    assert result[3]["product"] == '\'=HYPERLINK("x")'  # neutralised for spreadsheets
+
+
+def download(client, batch) -> list[dict]:
+    response = client.get(f"/batches/{batch.code}/results.csv")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/csv")
+    body = b"".join(response.streaming_content).decode("utf-8-sig")
+    return list(csv.DictReader(io.StringIO(body)))
+
+
+def test_ten_thousand_rows_are_stored_and_only_one_wave_is_queued(redis_conn, sentiment, user):
+    rows = [["product", "review"]] + [[f"Item {i}", f"Review {i}"] for i in range(10_000)]
+    rows[5000][1] = ""  # one bad row among them
+    batch = make_batch(sentiment, user, rows)
+    assert (batch.total_rows, batch.invalid_rows) == (10_000, 1)
+
+    admitted = services.do_start_batch(batch)
+
+    assert admitted == batch.max_in_flight == 100
+    assert len(queued_ids()) == 100
+    assert BatchRow.objects.filter(batch=batch, job__isnull=True, error="").count() == 9_899
+
+
+def test_other_users_cannot_see_or_change_a_batch(redis_conn, sentiment, user, other_user, client):
+    batch = make_batch(sentiment, user, REVIEWS)
+    client.force_login(other_user)
+    assert client.get(batch.get_absolute_url()).status_code == 404
+    assert client.post(f"/batches/{batch.code}/start/").status_code == 404
+    assert client.get(f"/batches/{batch.code}/results.csv").status_code == 404
+
+
+def test_document_workloads_cannot_take_batches(redis_conn, provider, user):
+    workload = Workload.objects.create(
+        name="Docs", kind=Workload.Kind.DOCUMENT, provider=provider, model="sim-small"
+    )
+    with pytest.raises(services.BatchError):
+        make_batch(workload, user, REVIEWS)

@@ -1,0 +1,188 @@
+"""Live pages in real chromium: pushed over websockets by the worker, swapped by htmx, with the
+HTTP re-fetch on reconnect and polling while the socket is down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from jobs import queueing, services
+from jobs.models import Job
+from tests.browser.conftest import log_in
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+TEXT = "Notes: the team agreed to ship the new billing page on Friday after the review."
+
+
+def submit_held_back(workload, user, monkeypatch) -> Job:
+    """A job that stays queued until the test calls `queueing.enqueue(job)` itself, so the page
+    can be opened while it is still queued (the reconciler would enqueue it after its grace
+    period anyway)."""
+    enqueue = queueing.enqueue
+    monkeypatch.setattr(queueing, "enqueue", lambda job: None)
+    job = services.do_submit_job(workload=workload, input_text=TEXT, user=user)[0]
+    monkeypatch.setattr(queueing, "enqueue", enqueue)
+    return job
+
+
+def mark_page(page) -> None:
+    """Tag the document; a reload or navigation would lose the tag."""
+    page.evaluate("document.body.dataset.sameDocument = 'yes'")
+
+
+def expect_same_document(page) -> None:
+    expect(page.locator("body[data-same-document=yes]")).to_have_count(1)
+
+
+def test_job_page_shows_queued_running_streamed_text_and_success_without_reload(
+    live_app, page, user, workload, simulator, monkeypatch
+):
+    simulator.control(latency_ms=1500, stream_chunk_delay_ms=120)
+    job = submit_held_back(workload, user, monkeypatch)
+    log_in(page, live_app, "alice", "pw-alice-123")
+    page.goto(f"{live_app.url}{job.get_absolute_url()}")
+    mark_page(page)
+    status = page.locator("#job-status .badge")
+    expect(status).to_have_text("Queued")
+    expect(page.locator(".live-note")).to_be_hidden()
+
+    queueing.enqueue(job)
+    expect(status).to_have_text("Running")
+    expect(page.locator("#job-stage")).to_contain_text("Calling the provider · attempt 1")
+    expect(page.locator("#job-output-card .streaming")).to_be_visible()
+    expect(page.locator("#job-stage")).to_contain_text("Streaming output")
+    expect(page.locator("pre#job-output")).not_to_be_empty()
+    partial = page.locator("pre#job-output").inner_text()
+    assert status.inner_text() == "Running"
+
+    expect(status).to_have_text("Succeeded", timeout=30_000)
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    expect(page.locator("pre#job-output")).to_have_text(job.output_text)
+    assert job.output_text.startswith(partial)
+    assert len(partial) < len(job.output_text)
+    expect(page.locator("#job-stage")).to_contain_text("Done")
+    expect(page.locator("#job-events")).to_contain_text("running → succeeded")
+    expect(page.locator("#job-attempts")).to_contain_text(f"{job.cost_actual:.6f}")
+    expect(page.locator("#job-actions button")).to_have_count(0)
+    expect_same_document(page)
+
+
+def test_job_list_and_dashboard_counters_update_without_reload(
+    live_app, browser, page, user, workload, simulator, monkeypatch
+):
+    job = submit_held_back(workload, user, monkeypatch)
+    log_in(page, live_app, "alice", "pw-alice-123")
+    dashboard = page.context.new_page()
+    dashboard.goto(f"{live_app.url}/")
+    page.goto(f"{live_app.url}/jobs/")
+    mark_page(page)
+    mark_page(dashboard)
+    row_status = page.locator(f"#job-row-{job.code} .badge")
+    expect(row_status).to_have_text("Queued")
+    expect(dashboard.locator(".counter.status-queued .count")).to_have_text("1")
+    expect(dashboard.locator(".counter.status-succeeded .count")).to_have_text("0")
+    # Both pages are subscribed once their socket has opened and re-fetched.
+    expect(page.locator("[data-live].live-paused")).to_have_count(0)
+
+    queueing.enqueue(job)
+    expect(row_status).to_have_text("Succeeded", timeout=30_000)
+    expect(dashboard.locator(".counter.status-succeeded .count")).to_have_text("1")
+    expect(dashboard.locator(".counter.status-queued .count")).to_have_text("0")
+    job.refresh_from_db()
+    expect(page.locator(f"#job-row-{job.code} td.num")).to_have_text(f"{job.cost_actual:.6f}")
+
+    # A job submitted elsewhere shows up in the list and the counters.
+    newer = services.do_submit_job(workload=workload, input_text=TEXT, user=user)[0]
+    expect(page.locator(f"#job-row-{newer.code}")).to_be_visible()
+    expect(page.locator("table.jobs tbody tr").first).to_have_id(f"job-row-{newer.code}")
+    expect(page.locator(f"#job-row-{newer.code} .badge")).to_have_text("Succeeded", timeout=30_000)
+    expect(dashboard.locator(".counter.status-succeeded .count")).to_have_text("2")
+    expect_same_document(page)
+    expect_same_document(dashboard)
+
+
+def test_page_is_correct_after_the_server_drops_the_websocket_and_comes_back(
+    live_app, page, user, workload, simulator, monkeypatch
+):
+    simulator.control(latency_ms=500, stream_chunk_delay_ms=20)
+    job = submit_held_back(workload, user, monkeypatch)
+    log_in(page, live_app, "alice", "pw-alice-123")
+    page.goto(f"{live_app.url}{job.get_absolute_url()}")
+    mark_page(page)
+    status = page.locator("#job-status .badge")
+    expect(status).to_have_text("Queued")
+    expect(page.locator(".live-note")).to_be_hidden()
+
+    # The server goes away (chromium's offline emulation leaves open sockets alone, so a real
+    # restart it is): the socket drops, the page says so quietly and starts polling.
+    live_app.stop_web()
+    expect(page.locator(".live-note")).to_be_visible()
+    expect(page.locator(".live-note")).to_have_text(
+        "Live updates paused; refreshing every few seconds."
+    )
+    # Everything the job does now is pushed to nobody: those messages are lost.
+    queueing.enqueue(job)
+    wait_for_status(job, "succeeded")
+    assert status.inner_text() == "Queued"
+
+    live_app.restart_web()
+    expect(status).to_have_text("Succeeded", timeout=30_000)
+    job.refresh_from_db()
+    expect(page.locator("pre#job-output")).to_have_text(job.output_text)
+    expect(page.locator("#job-events")).to_contain_text("running → succeeded")
+    expect(page.locator(".live-note")).to_be_hidden(timeout=30_000)
+    expect_same_document(page)
+
+
+def test_other_user_cannot_subscribe_to_a_job_and_foreign_origins_are_refused(
+    live_app, page, user, other_user, workload, monkeypatch
+):
+    job = submit_held_back(workload, user, monkeypatch)
+    log_in(page, live_app, "bob", "pw-bob-123")
+    ws_base = live_app.url.replace("http://", "ws://")
+    close_code = """url => new Promise(resolve => {
+        const socket = new WebSocket(url);
+        socket.onclose = event => resolve(event.code);
+    })"""
+    assert page.evaluate(close_code, f"{ws_base}/ws/jobs/{job.code}/") == 4403
+    # Bob's own list socket is accepted, and it carries Bob's jobs, never Alice's.
+    bobs_job = services.do_submit_job(workload=workload, input_text=TEXT, user=other_user)[0]
+    page.evaluate(
+        """url => new Promise(resolve => {
+            window.received = [];
+            const socket = new WebSocket(url);
+            socket.onmessage = event => window.received.push(event.data);
+            socket.onopen = () => resolve();
+        })""",
+        f"{ws_base}/ws/jobs/?parts=row",
+    )
+    services.do_cancel_job(job, actor=user)  # Alice's: published first
+    services.do_cancel_job(bobs_job, actor=other_user)
+    page.wait_for_function(
+        "code => window.received.some(m => m.includes(code) && m.includes('Cancelled'))",
+        arg=str(bobs_job.code),
+    )
+    received = page.evaluate("window.received")
+    assert not [message for message in received if str(job.code) in message]
+
+    # A page from another origin cannot open a socket with the user's browser.
+    page.route(
+        "http://evil.example/",
+        lambda route: route.fulfill(status=200, content_type="text/html", body="<p>hi</p>"),
+    )
+    page.goto("http://evil.example/")
+    assert page.evaluate(close_code, f"{ws_base}/ws/jobs/") == 1006
+
+
+def wait_for_status(job: Job, wanted: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.status == wanted:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job stayed {job.status}, expected {wanted}")

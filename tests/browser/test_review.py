@@ -1,0 +1,110 @@
+"""A reviewer works the inbox with the keyboard in real chromium; model output that looks like
+markup stays text on every page."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from playwright.sync_api import expect
+
+from jobs import services
+from jobs.models import Job
+from review.models import ReviewItem
+from tests.browser.conftest import log_in
+from tests.review.conftest import classify_workload, make_reviewer
+
+__all__ = ["classify_workload"]  # the fixture, shared with tests/review
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+SCRIPT = "<script>alert(1)</script>"
+IMG = "<img src=x onerror=alert(2)>"
+
+
+def wait_for(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def submit_and_wait_for_review(workload, user, text: str) -> Job:
+    job = services.do_submit_job(workload=workload, input_text=text, user=user)[0]
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "needs_review")
+    return Job.objects.get(pk=job.pk)
+
+
+def test_reviewer_works_three_items_with_the_keyboard(
+    live_app, page, simulator, classify_workload, user
+):
+    classify_workload.labels = [SCRIPT, IMG]
+    classify_workload.system_prompt = f"Labels: {SCRIPT}, {IMG}"
+    classify_workload.max_output_tokens = 50  # room for the longest label
+    classify_workload.save()
+    make_reviewer("rita")
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    approve_job = submit_and_wait_for_review(classify_workload, user, "One [[low-confidence]]")
+    edit_job = submit_and_wait_for_review(classify_workload, user, "Two [[low-confidence]]")
+    assert {approve_job.output_text, edit_job.output_text} <= {SCRIPT, IMG}
+    simulator.control(script=[400])  # the third fails permanently, once
+    retry_job = submit_and_wait_for_review(classify_workload, user, "Three")
+    assert ReviewItem.objects.get(job=retry_job).reason == "failed"
+
+    log_in(page, live_app, "rita", "pw-rita-123")
+    page.goto(f"{live_app.url}/review/")
+    # Markup in model output is text in the inbox.
+    rows = page.locator("#review-table tbody tr")
+    expect(rows).to_have_count(3)
+    expect(
+        page.locator(f"#review-row-{ReviewItem.objects.get(job=approve_job).pk}")
+    ).to_contain_text(approve_job.output_text)
+
+    page.keyboard.press("j")
+    expect(rows.first).to_have_class("selected")
+    page.keyboard.press("Enter")
+    first = ReviewItem.objects.get(job=approve_job)
+    page.wait_for_url(f"{live_app.url}/review/{first.pk}/")
+    expect(page.locator("#review-output")).to_have_text(approve_job.output_text)
+
+    page.keyboard.press("a")  # approve → the next item
+    second = ReviewItem.objects.get(job=edit_job)
+    page.wait_for_url(f"{live_app.url}/review/{second.pk}/")
+    page.keyboard.press("e")
+    editor = page.locator("#id_corrected_output")
+    expect(editor).to_be_focused()
+    editor.fill(IMG)
+    page.keyboard.press("Control+Enter")
+
+    third = ReviewItem.objects.get(job=retry_job)
+    page.wait_for_url(f"{live_app.url}/review/{third.pk}/")
+    page.keyboard.press("r")
+    expect(page.locator("#id_prompt")).to_be_focused()
+    page.keyboard.press("Control+Enter")
+    page.wait_for_url(f"{live_app.url}/review/")
+    expect(page.locator(".all-clear")).to_be_visible()
+
+    wait_for(lambda: Job.objects.get(pk=retry_job.pk).status == "succeeded")
+    approve_job.refresh_from_db()
+    edit_job.refresh_from_db()
+    retry_job.refresh_from_db()
+    assert (approve_job.status, approve_job.is_human_approved) == ("succeeded", True)
+    assert (edit_job.status, edit_job.corrected_output) == ("succeeded", IMG)
+    assert retry_job.attempt_count == 2
+    for job in (approve_job, edit_job, retry_job):
+        assert job.events.filter(actor__username="rita").exists()
+
+    # The job pages show the markup as text: the corrected output and the original.
+    page.goto(f"{live_app.url}{edit_job.get_absolute_url()}")
+    expect(page.locator("#job-corrected-output")).to_have_text(IMG)
+    expect(page.locator("#job-output")).to_have_text(edit_job.output_text)
+    page.goto(f"{live_app.url}{approve_job.get_absolute_url()}")
+    expect(page.locator("#job-output")).to_have_text(approve_job.output_text)
+    expect(page.locator("#job-review")).to_contain_text("Human-approved")
+    assert {approve_job.output_text, edit_job.output_text} <= {SCRIPT, IMG}
+    assert page.locator("img[src=x]").count() == 0
+    assert dialogs == []

@@ -1,0 +1,243 @@
+"""Budgets: reserve-then-settle with the real database, Redis, worker code and simulator."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from decimal import ROUND_DOWN, Decimal
+
+import pytest
+from django.db import connection
+from django.db.models import Sum
+from django.utils import timezone
+
+from jobs import reconcile, services
+from jobs.flow import budgets
+from jobs.models import Attempt, Budget, BudgetReservation, Job, Workload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TEXT = "Quarterly meeting: hiring plan, budget review, office move."
+
+
+def submit(workload, user, text=TEXT, **kwargs) -> Job:
+    return services.do_submit_job(workload=workload, input_text=text, user=user, **kwargs)[0]
+
+
+def cap_for(workload, jobs: float, text=TEXT) -> Decimal:
+    """A cap (4 decimal places, as the admin stores it) that fits `jobs` worst-case jobs."""
+    nanos = budgets.estimate(workload, text).nanos * jobs
+    return (Decimal(nanos) / Decimal(10**9)).quantize(Decimal("0.0001"), rounding=ROUND_DOWN)
+
+
+def make_budget(workload=None, *, cap, on_exhausted="hold", period="month") -> Budget:
+    return Budget.objects.create(
+        name=f"budget-{Budget.objects.count()}",
+        workload=workload,
+        cap_usd=cap,
+        on_exhausted=on_exhausted,
+        period=period,
+    )
+
+
+def test_submit_reserves_the_worst_case_cost(redis_conn, workload, user):
+    budget = make_budget(cap=Decimal("1"))
+    job = submit(workload, user)
+    estimate = budgets.estimate(workload, TEXT)
+    budget.refresh_from_db()
+    job.refresh_from_db()
+    assert estimate.tokens_out == workload.max_output_tokens
+    assert budget.reserved_nanos == estimate.nanos
+    assert job.cost_reserved == estimate.usd
+    assert job.status == "queued"
+
+
+def test_run_settles_actual_cost_and_releases_the_rest(redis_conn, workload, user, run_worker):
+    global_budget = make_budget(cap=Decimal("1"))
+    own_budget = make_budget(workload, cap=Decimal("1"))
+    job = submit(workload, user)
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    cost = Attempt.objects.get(job=job).cost
+    for budget in (global_budget, own_budget):
+        budget.refresh_from_db()
+        assert budget.spent_usd == cost
+        assert budget.reserved_nanos == 0
+    assert job.cost_reserved == 0
+    assert not BudgetReservation.objects.exists()
+
+
+def test_submit_without_a_price_is_refused_when_a_budget_applies(redis_conn, provider, user):
+    make_budget(cap=Decimal("10"))
+    unpriced = Workload.objects.create(name="Unpriced", provider=provider, model="sim-unpriced")
+    with pytest.raises(services.SubmitError, match="cannot estimate cost"):
+        submit(unpriced, user)
+    assert not Job.objects.exists()
+
+
+def test_rejecting_budget_refuses_the_submit_and_creates_nothing(redis_conn, workload, user):
+    budget = make_budget(cap=cap_for(workload, 1.5), on_exhausted="reject")
+    first = submit(workload, user)
+    with pytest.raises(services.Overloaded, match="is exhausted") as refused:
+        submit(workload, user)
+    assert refused.value.retry_after > 0
+    assert list(Job.objects.values_list("pk", flat=True)) == [first.pk]
+    budget.refresh_from_db()
+    assert budget.reserved_nanos == budgets.estimate(workload, TEXT).nanos
+
+
+def test_200_concurrent_submissions_never_exceed_the_cap(redis_conn, workload, user, run_worker):
+    budget = make_budget(cap=cap_for(workload, 50.5), on_exhausted="reject")
+    barrier = threading.Barrier(20)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def submit_many(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(n):
+                try:
+                    submit(workload, user, TEXT)
+                    outcome = "accepted"
+                except services.Overloaded:
+                    outcome = "refused"
+                with lock:
+                    outcomes.append(outcome + f"-{i}")
+        finally:
+            connection.close()  # each thread had its own connection
+
+    threads = [threading.Thread(target=submit_many, args=(10,)) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    accepted = sum(o.startswith("accepted") for o in outcomes)
+    budget.refresh_from_db()
+    assert len(outcomes) == 200
+    assert accepted == 50
+    assert Job.objects.count() == 50
+    assert budget.spent_nanos + budget.reserved_nanos <= budget.cap_nanos
+    assert budget.reserved_nanos == 50 * budgets.estimate(workload, TEXT).nanos
+
+    run_worker()
+    budget.refresh_from_db()
+    spent = Attempt.objects.aggregate(total=Sum("cost"))["total"]
+    assert set(Job.objects.values_list("status", flat=True)) == {"succeeded"}
+    assert budget.reserved_nanos == 0
+    assert budget.spent_usd == spent
+    assert budget.spent_nanos <= budget.cap_nanos
+
+
+def test_held_jobs_resume_in_priority_order_when_the_cap_is_raised(
+    redis_conn, workload, user, run_worker, simulator
+):
+    budget = make_budget(cap=cap_for(workload, 1.5))
+    first = submit(workload, user)
+    low = submit(workload, user, priority="low")
+    high = submit(workload, user, priority="high")
+    for job in (low, high):
+        job.refresh_from_db()
+        assert job.status == "held"
+        assert "exhausted" in job.wait_reason
+
+    budget.cap_usd = cap_for(workload, 2.5)
+    budget.save()  # an operator raises the cap in the admin
+
+    low.refresh_from_db()
+    high.refresh_from_db()
+    assert (high.status, low.status) == ("queued", "held")
+    budget.refresh_from_db()
+    assert budget.spent_nanos + budget.reserved_nanos <= budget.cap_nanos
+
+    budget.cap_usd = cap_for(workload, 3.5)
+    budget.save()
+    run_worker()
+    statuses = dict(Job.objects.values_list("pk", "status"))
+    assert statuses == {first.pk: "succeeded", low.pk: "succeeded", high.pk: "succeeded"}
+    assert "budget freed: released from hold" in list(low.events.values_list("reason", flat=True))
+    assert simulator.counters()["requests_total"] == 3
+
+
+def test_held_job_never_calls_the_provider_while_held(
+    redis_conn, workload, user, run_worker, simulator
+):
+    make_budget(cap=Decimal("0"))
+    job = submit(workload, user)
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "held"
+    assert simulator.counters()["requests_total"] == 0
+
+
+def test_new_period_resets_spend_and_releases_held_jobs(redis_conn, workload, user, run_worker):
+    budget = make_budget(cap=cap_for(workload, 1.5), period="day")
+    # Yesterday's spend used the whole cap.
+    Budget.objects.filter(pk=budget.pk).update(
+        spent_nanos=budget.cap_nanos, period_start=timezone.now() - timedelta(days=1, hours=1)
+    )
+    job = submit(workload, user)
+    job.refresh_from_db()
+    assert job.status == "held"
+
+    report = reconcile.run()
+
+    budget.refresh_from_db()
+    job.refresh_from_db()
+    assert report.unheld == 1
+    assert budget.spent_nanos == 0
+    assert budget.period_start.date() == timezone.localtime().date()
+    assert job.status == "queued"
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+
+
+def test_reconciler_releases_a_reservation_left_by_a_dead_process(redis_conn, workload, user):
+    budget = make_budget(cap=Decimal("1"))
+    job = submit(workload, user)
+    # The job ended (say its worker died between finishing and releasing).
+    Job.objects.filter(pk=job.pk).update(status=Job.Status.FAILED)
+
+    report = reconcile.run()
+
+    budget.refresh_from_db()
+    assert report.reservations_released == 1
+    assert budget.reserved_nanos == 0
+    assert not BudgetReservation.objects.exists()
+
+
+def test_cancelled_job_gives_its_reservation_back(redis_conn, workload, user, run_worker):
+    budget = make_budget(cap=Decimal("1"))
+    job = submit(workload, user)
+    services.do_cancel_job(job, actor=user)
+    run_worker()
+    budget.refresh_from_db()
+    assert budget.reserved_nanos == 0
+    assert budget.spent_nanos == 0
+
+
+def test_idempotent_resubmit_returns_the_same_job_and_reserves_once(redis_conn, workload, user):
+    budget = make_budget(cap=Decimal("1"))
+    first, created = services.do_submit_job(
+        workload=workload, input_text=TEXT, user=user, idempotency_key="order-7"
+    )
+    again, created_again = services.do_submit_job(
+        workload=workload, input_text=TEXT, user=user, idempotency_key="order-7"
+    )
+    budget.refresh_from_db()
+    assert (created, created_again) == (True, False)
+    assert again.pk == first.pk
+    assert budget.reserved_nanos == budgets.estimate(workload, TEXT).nanos
+
+
+def test_admin_shows_spent_reserved_and_remaining(admin_client, redis_conn, workload, user):
+    budget = make_budget(cap=Decimal("1"))
+    submit(workload, user)
+    budget.refresh_from_db()
+    page = admin_client.get("/admin/jobs/budget/").content.decode()
+    assert str(budget.reserved_usd) in page
+    assert str(budget.remaining_usd) in page
+    detail = admin_client.get(f"/admin/jobs/budget/{budget.pk}/change/").content.decode()
+    assert "see the ledger" in detail

@@ -1,0 +1,61 @@
+"""The dashboard page: operators see workload health; others see their own jobs only."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Permission, User
+
+from jobs.models import Job, Provider, Workload
+
+
+@pytest.fixture
+def notes(db) -> Workload:
+    sim = Provider.objects.create(name="Sim", kind=Provider.Kind.SIMULATED)
+    return Workload.objects.create(name="Notes", provider=sim, model="m")
+
+
+@pytest.fixture
+def viewer(db) -> User:
+    user = User.objects.create_user("vera", password="pw-vera-12345")
+    user.user_permissions.add(Permission.objects.get(codename="view_job"))
+    return user
+
+
+def test_operator_sees_health_figures_without_controls_they_lack(client, viewer, notes, redis_conn):
+    Job.objects.create(workload=notes, input_text="x", status=Job.Status.WAITING,
+                       wait_reason="circuit breaker open for Sim; retrying at 10:00")  # fmt: skip
+    client.force_login(viewer)
+    html = client.get("/").content.decode()
+    assert 'id="dashboard-live"' in html
+    assert 'data-reason="breaker"' in html
+    assert 'data-breaker="closed"' in html
+    # view_job only: no control buttons.
+    assert "/operator/" not in html
+
+
+def test_plain_user_does_not_see_the_health_panel(user_client, notes):
+    html = user_client.get("/").content.decode()
+    assert 'id="dashboard-live"' not in html
+    assert 'id="job-counters"' in html
+
+
+def test_health_panel_refresh_renders_only_the_panel(client, viewer, notes, redis_conn):
+    client.force_login(viewer)
+    response = client.get("/?span=day", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="dashboard-live")
+    html = response.content.decode()
+    assert html.lstrip().startswith('<div id="dashboard-live"')
+    assert "?span=day" in html
+    assert 'id="job-counters"' not in html
+
+
+def test_counters_refresh_still_renders_only_the_counters(client, viewer, notes):
+    client.force_login(viewer)
+    response = client.get("/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="job-counters")
+    html = response.content.decode()
+    assert html.lstrip().startswith('<section class="counters" id="job-counters"')
+    assert "dashboard-live" not in html
+
+
+def test_health_panel_refresh_is_refused_to_plain_users(user_client, notes):
+    response = user_client.get("/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="dashboard-live")
+    assert response.status_code == 403

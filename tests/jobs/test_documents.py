@@ -1,0 +1,208 @@
+"""Document jobs: type by content, extraction from real pdf/docx files, chunking, map/reduce."""
+
+from __future__ import annotations
+
+import io
+
+import docx
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from jobs import documents
+from jobs.documents import DocumentError, extract, split_into_chunks
+from jobs.models import Job, Workload
+from review import services as review_services
+from review.models import ReviewItem
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def make_pdf(lines: list[str]) -> bytes:
+    """A minimal one-page PDF with real text operators, written by hand (xref offsets too)."""
+    text_ops = " ".join(
+        f"BT /F1 12 Tf 72 {720 - 16 * i} Td ({line}) Tj ET" for i, line in enumerate(lines)
+    )
+    stream = text_ops.encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+        b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+    ]
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for offset in offsets:
+        out.write(b"%010d 00000 n \n" % offset)
+    out.write(
+        b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    )
+    return out.getvalue()
+
+
+def make_docx(paragraphs: list[str]) -> bytes:
+    document = docx.Document()
+    for paragraph in paragraphs:
+        document.add_paragraph(paragraph)
+    table = document.add_table(rows=1, cols=2)
+    table.rows[0].cells[0].text = "Amount"
+    table.rows[0].cells[1].text = "EUR 1,200"
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def test_text_is_extracted_from_a_real_pdf():
+    document = extract("contract.pdf", make_pdf(["Supplier delivers 200 units.", "Due in March."]))
+    assert document.file_type == "pdf"
+    assert "Supplier delivers 200 units." in document.text
+    assert "Due in March." in document.text
+
+
+def test_text_is_extracted_from_a_real_docx_including_tables():
+    document = extract("contract.docx", make_docx(["First clause.", "Second clause."]))
+    assert document.file_type == "docx"
+    assert "First clause.\n\nSecond clause." in document.text
+    assert "Amount | EUR 1,200" in document.text
+
+
+def test_type_is_checked_by_content_not_by_name():
+    with pytest.raises(DocumentError, match="named like a PDF file but its content is plain"):
+        extract("report.pdf", b"just some text")
+    with pytest.raises(DocumentError, match="not a supported document"):
+        extract("notes.txt", b"MZ\x90\x00\x03\x00\x00\x00 an executable")
+    # A PDF with a misleading name is still read as the PDF it is... unless the name claims
+    # another known type.
+    with pytest.raises(DocumentError, match="content is PDF"):
+        extract("notes.docx", make_pdf(["x"]))
+    assert extract("scan", make_pdf(["Hello"])).file_type == "pdf"
+    assert extract("readme.md", b"# Title\n\nBody").file_type == "md"
+
+
+def test_size_limit_is_enforced_with_a_clear_error(settings):
+    settings.AIQUEUE_DOCUMENT_MAX_BYTES = 1000
+    upload = SimpleUploadedFile("big.txt", b"a" * 2000)
+    with pytest.raises(DocumentError, match="the limit is 0.0 MB|larger than"):
+        documents.read_upload(upload)
+
+
+def test_damaged_and_empty_files_are_refused():
+    with pytest.raises(DocumentError, match="empty"):
+        extract("a.txt", b"")
+    with pytest.raises(DocumentError, match="damaged Word file|not a supported"):
+        extract("a.docx", b"PK\x03\x04not really a zip")
+    with pytest.raises(DocumentError, match="not UTF-8"):
+        extract("a.txt", b"caf\xe9")
+
+
+def test_chunks_respect_the_size_and_cut_at_paragraphs():
+    text = "\n\n".join(f"Paragraph {i}. " + "word " * 40 for i in range(10))
+    chunks = split_into_chunks(text, 500)
+    assert all(len(chunk) <= 500 for chunk in chunks)
+    assert len(chunks) > 1
+    assert all(chunk.startswith("Paragraph") for chunk in chunks)
+    assert "".join(chunks).replace("\n", "").replace(" ", "") == text.replace("\n", "").replace(
+        " ", ""
+    )
+    assert split_into_chunks("x" * 1200, 500) == ["x" * 500, "x" * 500, "x" * 200]
+
+
+@pytest.fixture
+def digest(provider) -> Workload:
+    return Workload.objects.create(
+        name="Digest",
+        kind=Workload.Kind.DOCUMENT,
+        provider=provider,
+        model="sim-small",
+        prompt_template="Summarize this part:\n{input}",
+        chunk_chars=300,
+        max_output_tokens=200,
+    )
+
+
+def submit_document(workload, user, paragraphs) -> Job:
+    document = extract("doc.docx", make_docx(paragraphs))
+    job, _ = documents.do_submit_document(workload=workload, document=document, user=user)
+    return job
+
+
+def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
+    redis_conn, digest, user, user_client, run_worker, simulator
+):
+    paragraphs = [f"Clause {i}: the supplier delivers goods on time. " * 3 for i in range(6)]
+    job = submit_document(digest, user, paragraphs)
+
+    run_worker()
+
+    job.refresh_from_db()
+    chunks = list(job.children.order_by("chunk_index"))
+    assert len(chunks) >= 3
+    assert all(chunk.status == "succeeded" for chunk in chunks)
+    assert job.status == "succeeded"
+    assert job.output_text
+    assert job.progress_percent == 100
+    # One call per chunk plus the reduce call; the reduce prompt holds every chunk's answer.
+    assert simulator.counters()["requests_total"] == len(chunks) + 1
+    total = sum(c.cost_actual for c in chunks) + job.cost_actual
+    assert documents.document_cost(job) == total
+    assert job.cost_actual > 0
+    assert job.input_data["file_type"] == "docx"
+    page = user_client.get(job.get_absolute_url()).content.decode()
+    assert 'id="job-chunks"' in page
+    assert f"${job.total_cost:.6f}" in page  # the document's cost with its chunks
+
+
+def test_failed_chunk_is_retried_alone(redis_conn, digest, user, run_worker, simulator):
+    paragraphs = [f"Clause {i}: the buyer pays within thirty days. " * 3 for i in range(4)]
+    digest.max_attempts = 1
+    digest.save()
+    # The first chunk's call fails for good; the others succeed.
+    simulator.control(script=[400])
+    job = submit_document(digest, user, paragraphs)
+    run_worker()
+
+    job.refresh_from_db()
+    chunks = list(job.children.order_by("chunk_index"))
+    failed = [c for c in chunks if c.status != "succeeded"]
+    assert len(failed) == 1
+    assert failed[0].status == "needs_review"
+    assert job.status == "waiting"  # the document waits while its chunk is with a reviewer
+    calls_before = simulator.counters()["requests_total"]
+
+    # The reviewer retries the chunk: only that chunk runs again, then the reduce call.
+    item = ReviewItem.objects.get(job=failed[0])
+    review_services.do_claim(item, user)
+    review_services.do_retry(item, user)
+    run_worker()
+
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    assert simulator.counters()["requests_total"] == calls_before + 2
+    succeeded_once = [c for c in chunks if c.pk != failed[0].pk]
+    assert all(c.attempts.count() == 1 for c in succeeded_once)
+
+
+def test_document_upload_form_creates_a_document_job(redis_conn, digest, user_client):
+    upload = SimpleUploadedFile("terms.pdf", make_pdf(["Payment within 30 days."]))
+    response = user_client.post(
+        "/jobs/new/", {"workload": digest.pk, "document": upload, "idempotency_key": "k1"}
+    )
+    job = Job.objects.get()
+    assert response.status_code == 302
+    assert "Payment within 30 days." in job.input_text
+    assert job.input_data["filename"] == "terms.pdf"
+
+
+def test_document_upload_form_shows_why_a_file_is_refused(redis_conn, digest, user_client):
+    upload = SimpleUploadedFile("terms.pdf", b"plain text pretending")
+    response = user_client.post("/jobs/new/", {"workload": digest.pk, "document": upload})
+    assert response.status_code == 200
+    assert "its content is plain text" in response.content.decode()
+    assert Job.objects.count() == 0

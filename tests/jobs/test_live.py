@@ -1,0 +1,356 @@
+"""Live progress: websocket consumers (auth, groups) and what the workers publish, through the
+real ASGI application and the real channel layer on the suite's Redis."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import Permission, User
+from django.db import transaction
+
+from aiqueue.asgi import application
+from jobs import live, services
+from jobs.models import Job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = b"http://127.0.0.1:8000"
+
+
+def submit(workload, user, text="The quarterly meeting covered hiring and budget.") -> Job:
+    return services.do_submit_job(workload=workload, input_text=text, user=user)[0]
+
+
+def session_cookie(client, user) -> bytes:
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}".encode()
+
+
+def communicator(path: str, cookie: bytes | None = None, origin: bytes = ORIGIN):
+    headers = [(b"host", b"127.0.0.1:8000"), (b"origin", origin)]
+    if cookie:
+        headers.append((b"cookie", cookie))
+    return WebsocketCommunicator(application, path, headers=headers)
+
+
+async def assert_closed_forbidden(comm: WebsocketCommunicator) -> None:
+    connected, _ = await comm.connect(timeout=5)
+    assert connected
+    assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4403}
+
+
+def run(coroutine_function) -> None:
+    async_to_sync(coroutine_function)()
+
+
+# --------------------------------------------------------------------------- who may listen
+
+
+def test_anonymous_websocket_is_closed_as_forbidden(redis_conn, workload, user):
+    job = submit(workload, user)
+
+    async def scenario():
+        await assert_closed_forbidden(communicator(f"/ws/jobs/{job.code}/"))
+        await assert_closed_forbidden(communicator("/ws/jobs/"))
+
+    run(scenario)
+
+
+def test_other_user_cannot_subscribe_to_a_job_they_cannot_see(
+    redis_conn, client, workload, user, other_user
+):
+    job = submit(workload, user)
+    cookie = session_cookie(client, other_user)
+
+    async def scenario():
+        await assert_closed_forbidden(communicator(f"/ws/jobs/{job.code}/", cookie))
+
+    run(scenario)
+
+
+def test_unknown_job_code_is_closed_as_forbidden(redis_conn, client, user):
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        await assert_closed_forbidden(communicator(f"/ws/jobs/{uuid.uuid4()}/", cookie))
+
+    run(scenario)
+
+
+def test_websocket_from_a_foreign_origin_is_refused(redis_conn, client, workload, user):
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie, origin=b"https://evil.example")
+        connected, _ = await comm.connect(timeout=5)
+        assert not connected
+
+    run(scenario)
+
+
+def test_owner_receives_the_rendered_partials_when_the_job_changes(
+    redis_conn, client, workload, user
+):
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie)
+        connected, _ = await comm.connect(timeout=5)
+        assert connected
+        await database_sync_to_async(services.do_cancel_job)(job, actor=user, reason="no need")
+        html = await comm.receive_from(timeout=5)
+        await comm.disconnect()
+        assert '<dl id="job-summary" hx-swap-oob="true">' in html
+        assert 'data-status="cancelled"' in html
+        assert "queued → cancelled" in html
+        assert '<div id="job-actions" hx-swap-oob="true">' in html
+        assert "Cancel job" not in html  # a cancelled job has nothing left to cancel
+
+    run(scenario)
+
+
+def test_viewer_who_may_not_change_the_job_gets_no_cancel_form(redis_conn, client, workload, user):
+    viewer = User.objects.create_user("vera", password="pw-vera-123")
+    viewer.user_permissions.add(Permission.objects.get(codename="view_job"))
+    job = submit(workload, user)
+    owner_cookie = session_cookie(client, user)
+    viewer_cookie = session_cookie(client.__class__(), viewer)
+
+    async def scenario():
+        owner = communicator(f"/ws/jobs/{job.code}/", owner_cookie)
+        watcher = communicator(f"/ws/jobs/{job.code}/", viewer_cookie)
+        assert (await owner.connect(timeout=5))[0]
+        assert (await watcher.connect(timeout=5))[0]
+        await database_sync_to_async(live.publish_job)(job.pk)
+        owner_html = await owner.receive_from(timeout=5)
+        watcher_html = await watcher.receive_from(timeout=5)
+        await owner.disconnect()
+        await watcher.disconnect()
+        assert "Cancel job" in owner_html
+        assert "Cancel job" not in watcher_html
+        assert 'data-status="queued"' in watcher_html
+
+    run(scenario)
+
+
+def test_job_list_follows_own_jobs_only_and_operators_follow_all(
+    redis_conn, client, workload, user, other_user, operator
+):
+    alice_job = submit(workload, user)
+    cookies = {
+        "alice": session_cookie(client, user),
+        "bob": session_cookie(client.__class__(), other_user),
+        "olga": session_cookie(client.__class__(), operator),
+    }
+
+    async def scenario():
+        comms = {
+            name: communicator("/ws/jobs/?parts=row,counters", cookie)
+            for name, cookie in cookies.items()
+        }
+        for comm in comms.values():
+            assert (await comm.connect(timeout=5))[0]
+        await database_sync_to_async(services.do_cancel_job)(alice_job, actor=user)
+        alice_html = await comms["alice"].receive_from(timeout=5)
+        olga_html = await comms["olga"].receive_from(timeout=5)
+        assert await comms["bob"].receive_nothing(timeout=0.5)
+        for comm in comms.values():
+            await comm.disconnect()
+        for html in (alice_html, olga_html):
+            assert f'<tr id="job-row-{alice_job.code}" hx-swap-oob="true">' in html
+            assert 'id="job-counters" hx-swap-oob="true"' in html
+            assert 'data-status="cancelled"' in html
+
+    run(scenario)
+
+
+def test_list_is_told_about_a_new_job_only_when_it_asked(redis_conn, client, workload, user):
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        asked = communicator("/ws/jobs/?parts=row,new", cookie)
+        rows_only = communicator("/ws/jobs/?parts=row", cookie)
+        assert (await asked.connect(timeout=5))[0]
+        assert (await rows_only.connect(timeout=5))[0]
+        job = await database_sync_to_async(submit)(workload, user)
+        asked_html = await asked.receive_from(timeout=5)
+        rows_html = await rows_only.receive_from(timeout=5)
+        await database_sync_to_async(services.do_cancel_job)(job, actor=user)
+        later_html = await asked.receive_from(timeout=5)
+        await asked.disconnect()
+        await rows_only.disconnect()
+        assert '<span id="job-list-new" data-live-new hidden hx-swap-oob="true">' in asked_html
+        assert "job-list-new" not in rows_html
+        assert f"job-row-{job.code}" in rows_html
+        assert "job-list-new" not in later_html  # a status change is a row swap, no re-fetch
+
+    run(scenario)
+
+
+def test_counters_count_what_the_group_may_see(redis_conn, client, workload, user, other_user):
+    submit(workload, other_user)
+    submit(workload, other_user)
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        comm = communicator("/ws/jobs/?parts=counters", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        await database_sync_to_async(live.publish_job)(job.pk)
+        html = await comm.receive_from(timeout=5)
+        await comm.disconnect()
+        assert "job-row-" not in html  # only the parts this page asked for
+        queued = html.split("status-queued", 1)[1]
+        assert '<span class="count">1</span>' in queued.split("</a>", 1)[0]
+
+    run(scenario)
+
+
+# --------------------------------------------------------------------------- what is published
+
+
+def test_rolled_back_transition_publishes_nothing(redis_conn, client, workload, user):
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+
+    def cancel_then_roll_back() -> None:
+        with transaction.atomic():
+            assert services.do_cancel_job(job, actor=user)
+            transaction.set_rollback(True)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        await database_sync_to_async(cancel_then_roll_back)()
+        assert await comm.receive_nothing(timeout=1)
+        await comm.disconnect()
+
+    run(scenario)
+    job.refresh_from_db()
+    assert job.status == "queued"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stream_publishes_first_chunk_then_at_most_every_interval_and_always_the_last(
+    redis_conn, client, workload, user
+):
+    job = submit(workload, user)
+    job.attempt_count = 1
+    cookie = session_cookie(client, user)
+    clock = FakeClock()
+    started = []
+    stream = live.OutputStream(job, interval=0.1, clock=clock, on_first=lambda: started.append(1))
+
+    def feed() -> None:
+        for i in range(30):  # 30 chunks 10 ms apart: 0.29 s of streaming
+            stream(f"w{i} ")
+            clock.now += 0.01
+        stream.close()
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        await database_sync_to_async(feed)()
+        received = [await comm.receive_from(timeout=10) for _ in range(stream.published)]
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+        return received
+
+    received = async_to_sync(scenario)()
+    # At t = 0, 0.1, 0.2 (chunks 0, 10, 20), then the final state at close.
+    assert stream.published == len(received) == 4
+    assert started == [1]
+    assert "w0 " in received[0]
+    assert "w1 " not in received[0]
+    assert "w10 " in received[1]
+    assert "w11 " not in received[1]
+    assert "w29" in received[-1]
+    assert "streaming…" in received[0]
+    assert "streaming…" not in received[-1]
+
+
+def test_streamed_output_is_escaped_and_not_processed_by_htmx(workload, user):
+    job = submit(workload, user)
+    message = live.render_output(job, 'Sure! <script>alert(1)</script><img src=x onerror="x()">')
+    html = message["html"]
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img" not in html
+    assert '<pre class="output" id="job-output" hx-disable>' in html
+
+
+def test_a_retry_restarts_the_streamed_text(workload, user, monkeypatch):
+    job = submit(workload, user)
+    sent = []
+    monkeypatch.setattr(live, "send", lambda messages: sent.extend(messages) or True)
+    monkeypatch.setattr(live, "listened", lambda groups: set(groups))
+    stream = live.OutputStream(job, interval=0)
+    job.attempt_count = 1
+    stream("partial answer that broke")
+    job.attempt_count = 2
+    stream("fresh")
+    stream.close()
+    assert stream.text == "fresh"
+    assert "broke" not in sent[-1][1]["html"]
+
+
+def test_worker_publishes_every_stage_of_a_streamed_run(
+    redis_conn, client, workload, user, run_worker, simulator
+):
+    simulator.control(stream_chunk_delay_ms=0)
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        await database_sync_to_async(run_worker)()
+        received = [await comm.receive_from(timeout=10)]
+        while 'data-status="succeeded"' not in received[-1]:
+            received.append(await comm.receive_from(timeout=10))
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+        return received
+
+    received = async_to_sync(scenario)()
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    stages = [
+        stage
+        for html in received
+        for stage in (
+            "Calling the provider",
+            "Streaming output",
+            "Validating output",
+            "Done",
+        )
+        if f">{stage}</span>" in html
+    ]
+    assert stages == ["Calling the provider", "Calling the provider", "Streaming output",
+                      "Validating output", "Done"]  # fmt: skip
+    assert any("streaming…" in html for html in received)
+    assert 'data-status="succeeded"' in received[-1]
+    assert job.output_text.split()[-1] in received[-1]
+
+
+def test_a_job_nobody_watches_is_not_rendered_or_sent(workload, user, redis_conn, monkeypatch):
+    job = submit(workload, user)
+    sent, rendered = [], []
+    monkeypatch.setattr(live, "send", lambda messages: sent.extend(messages) or True)
+    monkeypatch.setattr(live, "render_job_update", lambda job: rendered.append(job) or {})
+    assert live.publish_job(job.pk)
+    assert sent == []
+    assert rendered == []

@@ -1,0 +1,174 @@
+"""The threaded worker (jobs.worker.ThreadPoolWorker), as real `manage.py worker` processes
+on the suite's Redis and test database, calling the simulator over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import django_rq
+import pytest
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+
+from jobs import services
+from jobs.models import Attempt, Job
+from tests.conftest import spawn
+from tests.jobs.test_pipeline import wait_for, worker_env
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def submit_many(workload, user, n: int) -> list[Job]:
+    return [
+        services.do_submit_job(workload=workload, input_text=f"notes number {i}", user=user)[0]
+        for i in range(n)
+    ]
+
+
+def start_worker(tmp_path, *, threads: int, grace: int = 30, **env) -> subprocess.Popen:
+    environment = {
+        **worker_env(heartbeat=1, stale_after=3),
+        "AIQUEUE_WORKER_SHUTDOWN_GRACE": str(grace),
+        **env,
+    }
+    return spawn(
+        [sys.executable, "manage.py", "worker", "--no-scheduler", "--threads", str(threads)],
+        tmp_path,
+        environment,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+
+
+def statuses(jobs: list[Job]) -> list[str]:
+    return list(Job.objects.filter(pk__in=[j.pk for j in jobs]).values_list("status", flat=True))
+
+
+def count(jobs: list[Job], status: str) -> int:
+    return Job.objects.filter(pk__in=[j.pk for j in jobs], status=status).count()
+
+
+def test_one_worker_process_runs_jobs_concurrently(redis_conn, workload, user, simulator, tmp_path):
+    simulator.control(latency_ms=1500)
+    jobs = submit_many(workload, user, 2)
+    worker = start_worker(tmp_path, threads=4)
+    try:
+        wait_for(lambda: count(jobs, "succeeded") == 2, timeout=60)
+    finally:
+        stop(worker)
+    # Both calls were open at the simulator at the same moment, from one process.
+    assert simulator.counters()["peak_in_flight"] == 2
+    assert simulator.counters()["requests_total"] == 2
+
+
+def test_job_timeout_kills_only_that_job(redis_conn, workload, user, simulator, tmp_path):
+    simulator.control(latency_ms=2000)
+    queue = django_rq.get_queue("default")
+    doomed = queue.enqueue("tests.jobs.worker_tasks.spin", 30, job_timeout=1, result_ttl=600)
+    survivor = queue.enqueue("tests.jobs.worker_tasks.spin", 3, job_timeout=60, result_ttl=600)
+    jobs = submit_many(workload, user, 2)
+    worker = start_worker(tmp_path, threads=6)
+    try:
+        wait_for(lambda: count(jobs, "succeeded") == 2, timeout=60)
+        wait_for(
+            lambda: (
+                RQJob.fetch(survivor.id, connection=redis_conn).get_status() == JobStatus.FINISHED
+            ),
+            timeout=30,
+        )
+        wait_for(
+            lambda: RQJob.fetch(doomed.id, connection=redis_conn).get_status() == JobStatus.FAILED,
+            timeout=30,
+        )
+        # The same process is still taking jobs after the timeout.
+        late = submit_many(workload, user, 1)
+        wait_for(lambda: count(late, "succeeded") == 1, timeout=30)
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+    failed = RQJob.fetch(doomed.id, connection=redis_conn)
+    assert "JobTimeoutException" in failed.latest_result().exc_string
+    assert "maximum timeout value (1 seconds)" in failed.latest_result().exc_string
+    assert RQJob.fetch(survivor.id, connection=redis_conn).return_value() == "spun"
+
+
+def test_sigterm_lets_jobs_in_flight_finish_and_takes_no_new_ones(
+    redis_conn, workload, user, simulator, tmp_path
+):
+    simulator.control(latency_ms=3000)
+    jobs = submit_many(workload, user, 5)
+    worker = start_worker(tmp_path, threads=10, grace=30)
+    try:
+        wait_for(lambda: simulator.counters()["in_flight"] == 5, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        # Submitted after the stop request: this worker must leave it in the queue.
+        later = submit_many(workload, user, 1)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        stop(worker)
+    assert statuses(jobs) == ["succeeded"] * 5
+    assert statuses(later) == ["queued"]
+    assert simulator.counters()["requests_total"] == 5
+
+
+def test_sigterm_hands_back_runs_that_outlive_the_grace_period(
+    redis_conn, workload, user, simulator, tmp_path
+):
+    simulator.control(latency_ms=20000)
+    jobs = submit_many(workload, user, 3)
+    worker = start_worker(tmp_path, threads=5, grace=1)
+    try:
+        wait_for(lambda: simulator.counters()["in_flight"] == 3, timeout=30)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+    finally:
+        stop(worker)
+    # Back in the queue at once, not after the reconciler's stale timeout.
+    assert statuses(jobs) == ["queued"] * 3
+    for job in jobs:
+        reasons = list(job.events.values_list("reason", flat=True))
+        assert "handed back: the worker stopped before the run finished" in reasons
+
+    simulator.control(latency_ms=0)
+    rescuer = start_worker(tmp_path, threads=5)
+    try:
+        wait_for(lambda: count(jobs, "succeeded") == 3, timeout=60)
+    finally:
+        stop(rescuer)
+
+
+def test_sigkill_with_20_in_flight_recovers_all_and_charges_each_success_once(
+    redis_conn, workload, user, simulator, tmp_path
+):
+    simulator.control(latency_ms=5000)
+    jobs = submit_many(workload, user, 20)
+    worker = start_worker(tmp_path, threads=20)
+    try:
+        wait_for(lambda: count(jobs, "running") == 20, timeout=60)
+        wait_for(lambda: simulator.counters()["in_flight"] == 20, timeout=30)
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+    simulator.control(latency_ms=0)
+
+    rescuer = start_worker(tmp_path, threads=20)
+    try:
+        wait_for(lambda: count(jobs, "succeeded") == 20, timeout=90)
+    finally:
+        stop(rescuer)
+
+    # 20 calls died with the worker, 20 more finished the jobs.
+    assert simulator.counters()["requests_total"] == 40
+    for job in Job.objects.filter(pk__in=[j.pk for j in jobs]):
+        successes = Attempt.objects.filter(job=job, http_status=200)
+        assert successes.count() == 1
+        assert job.cost_actual == successes.get().cost
+        reasons = list(job.events.values_list("reason", flat=True))
+        assert "worker lost: heartbeat stopped" in reasons

@@ -1,0 +1,15 @@
+"""Plain RQ functions for the worker tests (tests/jobs/test_worker.py). Worker subprocesses
+import them by name, so they live in a module without test-only imports."""
+
+from __future__ import annotations
+
+import time
+
+
+def spin(seconds: float) -> str:
+    """Busy Python code (short sleeps in a loop) for `seconds`: a timer death penalty can stop
+    it, unlike one long blocking call."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "spun"
