@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 
 from django.contrib import admin, messages
+from django.db import models
 from django.utils.html import format_html
 
 from jobs import budget_admin, operator  # noqa: F401 - budget_admin registers BudgetAdmin
@@ -24,6 +25,8 @@ class ProviderAdmin(BreakerAdminMixin, admin.ModelAdmin):
     inlines = [ModelPriceInline]
     readonly_fields = ["api_key_status", "breaker_status"]
     actions = ["reset_breakers"]
+    # A base URL typed without a scheme means https (Django 6's default; explicit for 5.2).
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
     @admin.display(description="API key")
     def api_key_status(self, obj: Provider) -> str:
