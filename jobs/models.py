@@ -251,8 +251,10 @@ class Workload(models.Model):
             old = Workload.objects.filter(pk=self.pk).values(*self.TEMPLATE_FIELDS).first()
             if old and any(old[f] != getattr(self, f) for f in self.TEMPLATE_FIELDS):
                 self.template_version = (
-                    Workload.objects.filter(pk=self.pk).values_list("template_version", flat=True)
-                    .get() + 1
+                    Workload.objects.filter(pk=self.pk)
+                    .values_list("template_version", flat=True)
+                    .get()
+                    + 1
                 )
         super().save(*args, **kwargs)
         PromptTemplateVersion.objects.get_or_create(
