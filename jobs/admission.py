@@ -22,7 +22,6 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import django_rq
 import redis
 from django.conf import settings
 from django.utils import timezone
@@ -154,7 +153,7 @@ def next_offpeak_start(now: datetime) -> datetime:
 
 def queue_depth() -> int:
     try:
-        return sum(len(django_rq.get_queue(name)) for name in settings.RQ_QUEUE_NAMES)
+        return sum(len(queueing.queue(name)) for name in settings.RQ_QUEUE_NAMES)
     except redis.RedisError:
         return 0
 

@@ -17,7 +17,6 @@ import hmac
 import logging
 from collections.abc import Iterator
 
-import django_rq
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
@@ -35,7 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from jobs import stats
+from jobs import queueing, stats
 from jobs.models import Attempt, Job, Priority
 
 log = logging.getLogger(__name__)
@@ -223,7 +222,7 @@ class AiqueueCollector(Collector):
         )
         try:
             for name in settings.RQ_QUEUE_NAMES:
-                length.add_metric([name], django_rq.get_queue(name).count)
+                length.add_metric([name], queueing.queue(name).count)
         except Exception:  # noqa: BLE001 - Redis down: the rest of the scrape still works
             log.warning("metrics: RQ queue lengths unavailable", exc_info=True)
             return

@@ -8,12 +8,15 @@ says queued and the reconciler will enqueue it again.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from datetime import datetime
 
 import django_rq
 import redis
+import rq
+from django.conf import settings
 from rq import get_current_job
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -32,8 +35,28 @@ LIVE_RQ_STATES = frozenset(
 )
 
 
+_client: tuple[tuple[int, str], redis.Redis] | None = None
+_client_lock = threading.Lock()
+
+
 def connection() -> redis.Redis:
-    return django_rq.get_connection("default")
+    """This process's Redis client, shared by its threads (redis-py's pool is thread-safe).
+
+    `django_rq.get_connection()` builds a new client, and so opens a new TCP connection, on
+    every call; at several Redis round trips per job that was most of a worker's Redis time.
+    A forked child (RQ's scheduler) or a changed RQ_QUEUES URL gets a new one.
+    """
+    global _client
+    key = (os.getpid(), str(settings.RQ_QUEUES["default"].get("URL")))
+    with _client_lock:
+        if _client is None or _client[0] != key:
+            _client = (key, django_rq.get_connection("default"))
+        return _client[1]
+
+
+def queue(name: str) -> rq.Queue:
+    """The RQ queue `name` (high, default, low) on this process's shared client."""
+    return django_rq.get_queue(name, connection=connection())
 
 
 def enqueue(job: Job) -> bool:
@@ -68,11 +91,11 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         "description": f"{job.workload.name} {job.code}",
     }
     try:
-        queue = django_rq.get_queue(job.priority)
+        rq_queue = queue(job.priority)
         if at is None:
-            queue.enqueue(TASK, str(job.code), **options)
+            rq_queue.enqueue(TASK, str(job.code), **options)
         else:
-            queue.enqueue_at(at, TASK, str(job.code), **options)
+            rq_queue.enqueue_at(at, TASK, str(job.code), **options)
     except redis.RedisError as exc:
         log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
         return False

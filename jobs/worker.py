@@ -37,6 +37,7 @@ from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from jobs import heartbeats, queueing, reconcile
+from jobs.flow.priorities import StarvationGuardMixin
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 WORKER_TTL = 30
 
 
-class Worker(SimpleWorker):
+class Worker(StarvationGuardMixin, SimpleWorker):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("worker_ttl", WORKER_TTL)
         kwargs.setdefault("maintenance_interval", settings.AIQUEUE_RECONCILE_INTERVAL)

@@ -14,9 +14,10 @@ import logging
 import time
 from datetime import timedelta
 
-import django_rq
 import redis
 from django.conf import settings
+
+from jobs import queueing
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,10 @@ def item_arrived() -> bool:
     """Schedule a digest unless one is already due in this window. Returns whether it did."""
     window = window_seconds()
     try:
-        connection = django_rq.get_connection(DIGEST_QUEUE)
+        connection = queueing.connection()
         if not connection.set(WINDOW_KEY, "1", nx=True, ex=window):
             return False
-        django_rq.get_queue(DIGEST_QUEUE).enqueue_in(
+        queueing.queue(DIGEST_QUEUE).enqueue_in(
             timedelta(seconds=window),
             DIGEST_TASK,
             job_id=digest_job_id(),

@@ -26,8 +26,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import django_rq
 import redis
+
+from jobs import queueing
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class Status:
 
 
 def _connection() -> redis.Redis:
-    return django_rq.get_connection("default")
+    return queueing.connection()
 
 
 def _keys(provider_id: int) -> list[str]:

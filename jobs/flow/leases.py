@@ -18,10 +18,10 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-import django_rq
 import redis
 from django.conf import settings
 
+from jobs import queueing
 from jobs.models import Job, Priority, Workload
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Refused:
 
 
 def connection() -> redis.Redis:
-    return django_rq.get_connection("default")
+    return queueing.connection()
 
 
 def ttl_ms() -> int:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import django_rq
 import redis
 
+from jobs import queueing
 from jobs.models import Provider
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def acquire(provider: Provider, tokens: int) -> Decision:
     for _key, _label, increment, tau in limits:
         args += [increment, tau]
     try:
-        wait_ms, which = django_rq.get_connection("default").eval(
+        wait_ms, which = queueing.connection().eval(
             _SCRIPT, len(limits), *[key for key, *_ in limits], *args
         )
     except redis.RedisError as exc:

@@ -16,9 +16,10 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-import django_rq
 import redis
 from django.conf import settings
+
+from jobs import queueing
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Decision:
 
 
 def _connection() -> redis.Redis:
-    return django_rq.get_connection("default")
+    return queueing.connection()
 
 
 def _keys(provider_id: int) -> list[str]:

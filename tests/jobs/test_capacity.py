@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import django_rq
 import pytest
 from django.utils import timezone
-from rq.worker import SimpleWorker
 
 from jobs import admission, services
 from jobs.flow import leases, rate_limits
-from jobs.flow.priorities import StarvationGuard, StarvationGuardMixin
+from jobs.flow.priorities import StarvationGuard
 from jobs.models import Job, JobEvent
+from jobs.worker import ThreadPoolWorker, Worker
 from tests.conftest import spawn
 from tests.jobs.test_pipeline import wait_for, worker_env
 
@@ -217,18 +217,16 @@ def test_starvation_guard_serves_low_under_sustained_high_load():
     assert taken[:5] == ["high", "high", "high", "high", "low"]
 
 
-class GuardedWorker(StarvationGuardMixin, SimpleWorker):
-    pass
-
-
-def test_worker_with_the_guard_takes_low_while_high_is_still_full(redis_conn, settings):
+@pytest.mark.parametrize("worker_class", [Worker, ThreadPoolWorker])
+def test_workers_take_low_while_high_is_still_full(redis_conn, settings, worker_class):
     settings.AIQUEUE_STARVATION_GUARD_EVERY = 2
     queues = [django_rq.get_queue(name) for name in ("high", "default", "low")]
     for _ in range(6):
         queues[0].enqueue("os.getpid", result_ttl=0)
     queues[2].enqueue("os.getpid", result_ttl=0)
 
-    GuardedWorker(queues, connection=redis_conn).work(burst=True, max_jobs=3)
+    options = {"threads": 1} if worker_class is ThreadPoolWorker else {}
+    worker_class(queues, connection=redis_conn, **options).work(burst=True, max_jobs=3)
 
     assert len(queues[2]) == 0
     assert len(queues[0]) == 4
