@@ -44,8 +44,9 @@ What `Stack` gives you
 Module helpers: `pss_kib(pid)` (PSS of a process tree from /proc/<pid>/smaps_rollup),
 `percentile(values, p)`, `print_table(headers, rows)`, `free_port()`, `REPO`, `PYTHON`.
 
-Pass `database_url="postgres://postgres@127.0.0.1:5432/<db>"` to run on PostgreSQL instead of
-the temp SQLite file (the database is created/dropped by you, not by the stack).
+Run any scenario on PostgreSQL with `BENCH_POSTGRES=postgres://postgres@127.0.0.1:5432` in the
+environment: the stack creates a database of its own there and drops it on close. Or pass
+`database_url=` to use a database you create and drop yourself.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ class Stack:
         self.tmp = Path(tempfile.mkdtemp(prefix="aiqb-"))
         self.log_dir = self.tmp / "log"
         self.log_dir.mkdir()
+        # BENCH_POSTGRES=postgres://user@host:port runs any scenario on a fresh PostgreSQL
+        # database of its own (created here, dropped on close) instead of a SQLite file.
+        self._pg_server = os.environ.get("BENCH_POSTGRES", "") if database_url is None else ""
+        if self._pg_server:
+            database_url = f"{self._pg_server.rstrip('/')}/aiqb_{os.getpid()}"
         self.database_url = database_url or f"sqlite:///{self.tmp / 'bench.sqlite3'}"
         self.redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
@@ -119,6 +125,8 @@ class Stack:
             "AIQUEUE_LOG_LEVEL": "WARNING",
             "DJANGO_SETTINGS_MODULE": "aiqueue.settings",
             "PYTHONPATH": str(REPO),
+            # Threaded workers on PostgreSQL share a psycopg pool (jobs.dbconn).
+            **({"AIQUEUE_DB_POOL": "1"} if self._pg_server else {}),
             **(env or {}),
         }
         self.processes: list[subprocess.Popen] = []
@@ -137,7 +145,17 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _pg_admin(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(f"{self._pg_server.rstrip('/')}/postgres", autocommit=True) as conn:
+            conn.execute(statement)
+
     def start(self) -> None:
+        if self._pg_server:
+            name = self.database_url.rsplit("/", 1)[1]
+            self._pg_admin(f'DROP DATABASE IF EXISTS "{name}"')
+            self._pg_admin(f'CREATE DATABASE "{name}"')
         self._redis = redis_server.start(self.redis_port, self.tmp / "redis")
         self.spawn(
             "simulator",
@@ -162,6 +180,11 @@ class Stack:
         if self._redis is not None and self._redis.poll() is None:
             self._redis.terminate()
             self._redis.wait(timeout=10)
+        if self._pg_server:
+            from django.db import connections
+
+            connections.close_all()
+            self._pg_admin(f'DROP DATABASE IF EXISTS "{self.database_url.rsplit("/", 1)[1]}"')
         if not self.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:

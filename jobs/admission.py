@@ -90,7 +90,9 @@ def finish(job: Job, lease: leases.Lease | None, *, ran: bool) -> None:
                 if code:
                     _wake_one(resource, code)
     finally:
-        if ran:
+        # `cost_reserved` was read when the run began; reservations are made only at submit
+        # and on release from hold, never during a run: zero means there is nothing to give.
+        if ran and job.cost_reserved:
             status = Job.objects.filter(pk=job.pk).values_list("status", flat=True).first()
             if status not in budgets.ACTIVE_STATUSES:
                 budgets.release(job)

@@ -10,7 +10,7 @@ connections are cheap file handles.
 
 from __future__ import annotations
 
-from django.db import connections
+from django.db import close_old_connections, connections
 
 
 def is_pooled(alias: str = "default") -> bool:
@@ -22,3 +22,12 @@ def release_while_waiting() -> None:
     for conn in connections.all(initialized_only=True):
         if conn.settings_dict.get("OPTIONS", {}).get("pool") and not conn.in_atomic_block:
             conn.close()
+
+
+def end_of_job() -> None:
+    """A job boundary, like the end of an HTTP request: pooled connections go back to the
+    pool; others are closed if broken or older than CONN_MAX_AGE (SQLite keeps its handle)."""
+    for conn in connections.all(initialized_only=True):
+        if conn.settings_dict.get("OPTIONS", {}).get("pool") and not conn.in_atomic_block:
+            conn.close()
+    close_old_connections()

@@ -9,6 +9,11 @@ instead: runs register their fencing token, and the worker's monitor thread refr
 
 Tokens identify one run each (a fresh UUID per start), so filtering on the token alone keeps
 the fence: a run that was recovered and restarted elsewhere has a new token and is not touched.
+
+A beat is also when a run learns that it should stop: its job was cancelled or recovered
+elsewhere (the token no longer matches a running row), or it passed its deadline (the beat
+expires it). Each such run's `on_lost(reason)` is called; the runner then cuts its streamed
+call at the next chunk (jobs.runner.RunStop).
 """
 
 from __future__ import annotations
@@ -25,14 +30,24 @@ log = logging.getLogger(__name__)
 _active: RunHeartbeats | None = None
 
 
+OnBeat = Callable[[], None]
+OnLost = Callable[[str], None]
+
+
 class RunHeartbeats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runs: dict[uuid.UUID, tuple[int, Callable[[], None] | None]] = {}
+        self._runs: dict[uuid.UUID, tuple[int, OnBeat | None, OnLost | None]] = {}
 
-    def add(self, job_pk: int, token: uuid.UUID, on_beat: Callable[[], None] | None = None) -> None:
+    def add(
+        self,
+        job_pk: int,
+        token: uuid.UUID,
+        on_beat: OnBeat | None = None,
+        on_lost: OnLost | None = None,
+    ) -> None:
         with self._lock:
-            self._runs[token] = (job_pk, on_beat)
+            self._runs[token] = (job_pk, on_beat, on_lost)
 
     def remove(self, token: uuid.UUID) -> None:
         with self._lock:
@@ -41,26 +56,55 @@ class RunHeartbeats:
     def snapshot(self) -> dict[uuid.UUID, int]:
         """token → job pk of every run in flight."""
         with self._lock:
-            return {token: pk for token, (pk, _) in self._runs.items()}
+            return {token: pk for token, (pk, _, _) in self._runs.items()}
 
     def beat(self) -> int:
-        """Refresh `heartbeat_at` of every registered run and call each run's `on_beat` (lease
-        renewal); returns the rows updated."""
+        """Refresh `heartbeat_at` of every registered run that is still running, call each
+        one's `on_beat` (lease renewal), and `on_lost` for the runs that must stop; returns
+        the rows updated."""
         from jobs.models import Job
 
         with self._lock:
             runs = dict(self._runs)
         if not runs:
             return 0
-        updated = Job.objects.filter(run_token__in=list(runs)).update(heartbeat_at=timezone.now())
-        for _, on_beat in runs.values():
-            if on_beat is None:
+        alive = check_runs(Job.objects.filter(run_token__in=list(runs), status=Job.Status.RUNNING))
+        updated = 0
+        if alive:
+            updated = Job.objects.filter(run_token__in=list(alive)).update(
+                heartbeat_at=timezone.now()
+            )
+        for token, (_, on_beat, on_lost) in runs.items():
+            callback = on_beat if token in alive else None
+            if token not in alive and on_lost is not None:
+                callback = lambda on_lost=on_lost: on_lost(LOST)  # noqa: E731
+            if callback is None:
                 continue
             try:
-                on_beat()
+                callback()
             except Exception:
-                log.exception("a run's on_beat failed; its next beat will try again")
+                log.exception("a run's heartbeat callback failed; its next beat will try again")
         return updated
+
+
+# What a run is told when its row is no longer running under its token.
+LOST = "the job is no longer this run's (cancelled, expired or recovered)"
+
+
+def check_runs(running) -> set[uuid.UUID]:
+    """The tokens of the runs in `running` (a queryset of running jobs) that may go on:
+    those past their job's deadline are expired here (jobs.services.do_expire_run)."""
+    from jobs import services
+
+    now = timezone.now()
+    alive = set()
+    for job in running.only("id", "code", "submitted_by_id", "run_token", "status", "deadline"):
+        if job.deadline is not None and job.deadline <= now:
+            if services.do_expire_run(job, job.run_token):
+                log.info("job=%s expired while running: deadline passed", job.code)
+            continue
+        alive.add(job.run_token)
+    return alive
 
 
 def install(beats: RunHeartbeats | None) -> None:

@@ -323,6 +323,8 @@ def handle_output(
 def _store_output(job: Job, token: uuid.UUID, verdict: Verdict) -> None:
     # Written before the status change so the finished (or escalated) job is never seen
     # without its parsed output; the run token keeps a stale run from writing.
+    if verdict.output_data is None and job.output_data is None:
+        return  # nothing stored, nothing to store (read when the run began)
     Job.objects.filter(pk=job.pk, run_token=token).update(output_data=verdict.output_data)
     job.output_data = verdict.output_data
 

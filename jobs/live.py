@@ -224,20 +224,38 @@ def render_list_updates(
 # --------------------------------------------------------------------------- publishing
 
 
-def publish_job(job_pk: int, *, created: bool = False) -> bool:
+def _groups(job: Job) -> list[str]:
+    """Every group that shows `job`: its own page, then the lists that see it."""
+    return [job_group(job.code), *(group for group, _ in list_groups(job))]
+
+
+def publish_job(
+    job_pk: int,
+    *,
+    created: bool = False,
+    code: str | None = None,
+    submitted_by_id: int | None = None,
+) -> bool:
     """Render and push the current state of a job to its page and to the list/dashboard.
 
     Called on commit (jobs.services registers it), so what it reads is what was committed.
+    Given the job's `code` and `submitted_by_id`, it asks Redis whether anyone watches before
+    reading the database: an unwatched job (most of them, in a burst) costs one round trip.
     Never raises: a failed publish must not fail the state change that triggered it.
     """
     try:
+        watched: set[str] | None = None
+        if code is not None:
+            watched = listened(_groups(Job(pk=job_pk, code=code, submitted_by_id=submitted_by_id)))
+            if not watched:
+                return True
         job = _job_for_render(job_pk)
         if job is None:
             return False
-        groups = [job_group(job.code), *(group for group, _ in list_groups(job))]
-        watched = listened(groups)
-        if not watched:
-            return True
+        if watched is None:
+            watched = listened(_groups(job))
+            if not watched:
+                return True
         sent = True
         if job_group(job.code) in watched:
             # The job's own page first: it should not wait for the list and counters to render.
@@ -264,9 +282,12 @@ class OutputStream:
         *,
         interval: float = STREAM_INTERVAL,
         on_first: Callable[[], None] | None = None,
+        before: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = job
+        # Called before each chunk is taken: may raise to cut the call (jobs.runner.RunStop).
+        self.before = before
         self.interval = interval
         self.on_first = on_first
         self.clock = clock
@@ -281,6 +302,8 @@ class OutputStream:
         return "".join(self.parts)
 
     def __call__(self, delta: str) -> None:
+        if self.before is not None:
+            self.before()
         if not delta:
             return
         if self.job.attempt_count != self.attempt:

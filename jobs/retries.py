@@ -76,6 +76,8 @@ def is_retryable(exc: BaseException) -> bool:
 
 def attempts_used(job: Job) -> int:
     """Calls made for the job since it was last submitted or sent back by a reviewer."""
+    if not job.attempt_count:
+        return 0  # never called: nothing to count (the usual case, without a query)
     attempts = job.attempts.all()
     sent_back = (
         job.events.filter(from_status=Job.Status.NEEDS_REVIEW, to_status=Job.Status.QUEUED)
@@ -179,12 +181,21 @@ class _Run:
     # ---- one attempt
 
     def _attempt(self) -> Completion:
-        self._check_still_ours()
+        # `call` (jobs.runner.call_provider) checks first that the run is still this one's:
+        # a job cancelled between attempts raises RunEnded there, before any request is sent.
         provider, model, permit = self._choose_provider()
         try:
             # A missing key is a configuration error: no call, no attempt, no retry.
             get_provider(provider).api_key()
             remaining = self.deadline - time.monotonic()
+            if self.job.deadline is not None:
+                # The job's own deadline bounds the call too: a call that cannot finish
+                # before it is not started, and the job expires.
+                to_deadline = (self.job.deadline - timezone.now()).total_seconds()
+                if to_deadline < MIN_CALL_TIME_S:
+                    services.do_expire_run(self.job, self.token)
+                    raise RunEnded("deadline passed while running")
+                remaining = min(remaining, to_deadline)
             if remaining < MIN_CALL_TIME_S:
                 self._park("the run's time is up", timezone.now() + timedelta(seconds=1))
             decision = retry_budget.acquire(provider, is_retry=self.failed_here > 0)
@@ -275,12 +286,6 @@ class _Run:
         if services.do_park_job(self.job, reason=reason, resume_at=resume_at, token=self.token):
             log.info("job=%s parked: %s", self.job.code, reason)
         raise RunEnded(reason)
-
-    def _check_still_ours(self) -> None:
-        if not Job.objects.filter(
-            pk=self.job.pk, status=Job.Status.RUNNING, run_token=self.token
-        ).exists():
-            raise RunEnded("the job is no longer this run's (cancelled or recovered)")
 
 
 def breaker_wait_reason(provider: Provider) -> str:

@@ -20,6 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from jobs import admission, dbconn, documents, heartbeats, joblog, kinds, live, retries, services
+from jobs.flow import budgets
 from jobs.models import Attempt, Job, Provider
 from jobs.providers.base import (
     Completion,
@@ -68,8 +69,9 @@ def _execute(code: str, *, worker: str = "") -> str:
         token = services.do_start_run(job, worker=worker)
         if token is None:
             return Job.objects.get(pk=job.pk).status
-        with heartbeat(job, token, on_beat=lease.renew):
-            _run(job, token)
+        stop = RunStop()
+        with heartbeat(job, token, on_beat=lease.renew, on_lost=stop.set):
+            _run(job, token, stop)
     finally:
         # Free the slots, wake the next waiter, give back an unspent reservation: whatever
         # ended the run (BaseException included: timeouts, shutdown).
@@ -77,7 +79,24 @@ def _execute(code: str, *, worker: str = "") -> str:
     return job.status
 
 
-def _run(job: Job, token: uuid.UUID) -> None:
+class RunStop:
+    """Set by the heartbeat when the run must stop (its job was cancelled, expired or
+    recovered elsewhere); checked at every streamed chunk, so a streamed call is cut within a
+    heartbeat interval instead of running to its end. A call that does not stream finishes
+    and its answer is discarded by the fencing token."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise retries.RunEnded(self.reason)
+
+
+def _run(job: Job, token: uuid.UUID, stop: RunStop | None = None) -> None:
     if documents.is_document_parent(job) and not documents.ready_to_reduce(job, token):
         return  # the document's chunks were fanned out (or are still running): it waits
     request = build_request(job)
@@ -87,6 +106,7 @@ def _run(job: Job, token: uuid.UUID) -> None:
         on_first=lambda: services.do_set_progress(
             job, stage="streaming", message=f"attempt {job.attempt_count}", token=token
         ),
+        before=stop.check if stop is not None else None,
     )
     try:
         # The one retry layer: breaker, retry budget, backoff, parking (jobs.retries).
@@ -107,7 +127,10 @@ def _run(job: Job, token: uuid.UUID) -> None:
         completion.confidence = structured_confidence(completion.text)
     stream.close()
     services.do_set_progress(job, stage="validating", token=token)
-    handle_output(job, token, completion)
+    try:
+        handle_output(job, token, completion)
+    except retries.RunEnded:
+        return  # cancelled or recovered before a repair call (extract)
 
 
 def build_request(job: Job) -> CompletionRequest:
@@ -153,24 +176,47 @@ def call_provider(
     `read_timeout` is clamped below what is left of the run's time."""
     workload = job.workload
     provider_row = provider or override_provider(job) or workload.provider
-    number = Job.objects.filter(pk=job.pk).values_list("attempt_count", flat=True).get() + 1
-    Job.objects.filter(pk=job.pk).update(attempt_count=number)
-    job.attempt_count = number
-    services.do_set_progress(job, stage="calling", message=f"attempt {number}")
+    # Before every call, first or retry: a run past its job's deadline expires the job, and a
+    # cancelled or recovered one stops.
+    if job.deadline is not None and job.deadline <= timezone.now():
+        services.do_expire_run(job, job.run_token)
+        raise retries.RunEnded("deadline passed while running")
+    if job.cost_actual:
+        # A paid call was made already and came out of the reservation: reserve one more
+        # worst-case call before this one, or hold the job until its budget frees.
+        exhausted = budgets.top_up(
+            job,
+            min_tokens_in=kinds.estimate_tokens(
+                len(request.system_prompt) + len(request.user_prompt)
+            ),
+        )
+        if exhausted is not None:
+            reason = budgets.hold_reason(exhausted)
+            services.do_hold_run(job, job.run_token, reason=reason)
+            raise retries.RunEnded(reason)
+    if not services.do_begin_attempt(job):
+        raise retries.RunEnded("the job is no longer this run's (cancelled or recovered)")
     attempt = Attempt(
         job=job,
-        number=number,
+        number=job.attempt_count,
         provider=provider_row,
         model=request.model,
         started_at=timezone.now(),
     )
     started = time.monotonic()
     completion: Completion | None = None
+    streamed: list[str] = []
+
+    def delta(text: str) -> None:
+        streamed.append(text)
+        if on_delta is not None:
+            on_delta(text)
+
     try:
         # The call waits seconds: give a pooled DB connection back meanwhile (jobs.dbconn).
         dbconn.release_while_waiting()
         completion = get_provider(provider_row, read_timeout=read_timeout).complete(
-            request, on_delta
+            request, delta if on_delta is not None else None
         )
         return completion
     except ProviderError as exc:
@@ -189,8 +235,16 @@ def call_provider(
             attempt.http_status = completion.status
             attempt.tokens_in = completion.tokens_in
             attempt.tokens_out = completion.tokens_out
+        elif streamed:
+            # Cut mid-stream (cancelled, expired, timed out): the provider bills what it
+            # generated. Estimated from the text received, as the usage report never came.
+            attempt.tokens_in = kinds.estimate_tokens(
+                len(request.system_prompt) + len(request.user_prompt)
+            )
+            attempt.tokens_out = kinds.estimate_tokens(sum(len(text) for text in streamed))
+        if attempt.tokens_in or attempt.tokens_out:
             price = provider_row.price_for(request.model)
-            attempt.cost = price.cost(completion.tokens_in, completion.tokens_out) if price else 0
+            attempt.cost = price.cost(attempt.tokens_in, attempt.tokens_out) if price else 0
         attempt.save()
         if attempt.cost:
             Job.objects.filter(pk=job.pk).update(cost_actual=F("cost_actual") + attempt.cost)
@@ -206,13 +260,20 @@ def override_provider(job: Job) -> Provider | None:
 
 
 @contextmanager
-def heartbeat(job: Job, token: uuid.UUID, on_beat: Callable[[], None] | None = None):
+def heartbeat(
+    job: Job,
+    token: uuid.UUID,
+    on_beat: Callable[[], None] | None = None,
+    on_lost: Callable[[str], None] | None = None,
+):
     """Keep `heartbeat_at` fresh while the run is alive, so the reconciler can tell a slow
-    job from one whose worker died. `on_beat` runs at each beat too (lease renewal)."""
+    job from one whose worker died. `on_beat` runs at each beat too (lease renewal);
+    `on_lost(reason)` once the run must stop (jobs.heartbeats: cancelled, expired,
+    recovered)."""
     beats = heartbeats.active()
     if beats is not None:
         # A threaded worker beats for all its runs in one query (jobs.heartbeats).
-        beats.add(job.pk, token, on_beat)
+        beats.add(job.pk, token, on_beat, on_lost)
         try:
             yield
         finally:
@@ -224,6 +285,11 @@ def heartbeat(job: Job, token: uuid.UUID, on_beat: Callable[[], None] | None = N
     def beat() -> None:
         try:
             while not stop.wait(interval):
+                running = Job.objects.filter(pk=job.pk, run_token=token, status=Job.Status.RUNNING)
+                if token not in heartbeats.check_runs(running):
+                    if on_lost is not None:
+                        on_lost(heartbeats.LOST)
+                    return
                 Job.objects.filter(pk=job.pk, run_token=token).update(heartbeat_at=timezone.now())
                 if on_beat is not None:
                     on_beat()

@@ -15,6 +15,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from jobs import queueing
@@ -58,13 +59,18 @@ def transition(
     from_statuses = list(from_statuses)
     now = timezone.now()
     with transaction.atomic():
-        current = (
-            Job.objects.filter(pk=job.pk, status__in=from_statuses, **(extra_filter or {}))
-            .values_list("status", flat=True)
-            .first()
-        )
-        if current is None:
-            return False
+        if len(from_statuses) == 1:
+            # One possible source status: the conditional UPDATE alone decides (no read).
+            current = from_statuses[0]
+        else:
+            current = (
+                Job.objects.filter(pk=job.pk, status__in=from_statuses, **(extra_filter or {}))
+                .order_by()
+                .values_list("status", flat=True)
+                .first()
+            )
+            if current is None:
+                return False
         updated = Job.objects.filter(pk=job.pk, status=current, **(extra_filter or {})).update(
             status=to_status, updated_at=now, **fields
         )
@@ -91,8 +97,12 @@ def publish_on_commit(job: Job, *, created: bool = False) -> None:
     (jobs.live). Registered inside the transaction, so a rollback publishes nothing."""
     from jobs import live  # rendering pulls in templates and the channel layer: load lazily
 
-    job_pk = job.pk
-    transaction.on_commit(lambda: live.publish_job(job_pk, created=created))
+    job_pk, code, submitted_by_id = job.pk, job.code, job.submitted_by_id
+    transaction.on_commit(
+        lambda: live.publish_job(
+            job_pk, created=created, code=code, submitted_by_id=submitted_by_id
+        )
+    )
 
 
 def do_set_progress(
@@ -109,16 +119,34 @@ def do_set_progress(
     if percent is not None:
         fields["progress_percent"] = max(0, min(100, int(percent)))
     extra = {"run_token": token} if token is not None else {}
-    with transaction.atomic():
-        updated = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, **extra).update(
-            updated_at=timezone.now(), **fields
-        )
-        if updated:
-            publish_on_commit(job)
+    # One UPDATE: no transaction of its own (outside one, the publish runs at once).
+    updated = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, **extra).update(
+        updated_at=timezone.now(), **fields
+    )
+    if updated:
+        publish_on_commit(job)
     if updated:
         for name, value in fields.items():
             setattr(job, name, value)
     return bool(updated)
+
+
+def do_begin_attempt(job: Job) -> bool:
+    """Count one more provider call for the job's current run (`job.run_token`) and show the
+    stage "calling" with its number, in one UPDATE. False when the job is no longer this
+    run's (cancelled, expired, recovered elsewhere): the call must not be made."""
+    number = job.attempt_count + 1
+    fields = {"stage": "calling", "progress_message": f"attempt {number}"}
+    updated = Job.objects.filter(
+        pk=job.pk, status=Job.Status.RUNNING, run_token=job.run_token
+    ).update(attempt_count=F("attempt_count") + 1, updated_at=timezone.now(), **fields)
+    if not updated:
+        return False
+    job.attempt_count = number
+    for name, value in fields.items():
+        setattr(job, name, value)
+    publish_on_commit(job)
+    return True
 
 
 def do_submit_job(
@@ -177,6 +205,8 @@ def do_submit_job(
         parent=parent,
         chunk_index=chunk_index,
         deadline=deadline,
+        # The prompt template it will run with (jobs.kinds records a newer one at run time).
+        template_version=workload.template_version,
     )
     try:
         with transaction.atomic():
@@ -308,42 +338,78 @@ def do_finish_run(
     output_text: str,
     confidence: float | None,
 ) -> bool:
-    return transition(
+    return _end_run(
         job,
-        [Job.Status.RUNNING],
+        token,
         Job.Status.SUCCEEDED,
         reason="completed",
-        extra_filter={"run_token": token},
         output_text=output_text,
         confidence=confidence,
         error="",
         error_class="",
-        stage="done",
         progress_percent=100,
-        finished_at=timezone.now(),
-        run_token=None,
     )
 
 
 def do_fail_run(job: Job, token: uuid.UUID, *, error: str, error_class: str) -> bool:
-    return transition(
+    return _end_run(
         job,
-        [Job.Status.RUNNING],
+        token,
         Job.Status.FAILED,
         reason=error[:300],
         data={"error_class": error_class},
-        extra_filter={"run_token": token},
         error=error,
         error_class=error_class,
+    )
+
+
+def do_expire_run(job: Job, token: uuid.UUID) -> bool:
+    """running → expired: the run passed the job's deadline. Only that run's token can expire
+    it; its in-flight call is abandoned and a late answer is discarded by the fence. What
+    the job holds on its budgets is given back once the run lets go (jobs.admission.finish)."""
+    return _end_run(job, token, Job.Status.EXPIRED, reason="deadline passed while running")
+
+
+def _end_run(job: Job, token: uuid.UUID, to_status: str, *, reason: str, **fields: Any) -> bool:
+    """running → a final status, for the run holding `token` only (the fence)."""
+    return transition(
+        job,
+        [Job.Status.RUNNING],
+        to_status,
+        reason=reason,
+        extra_filter={"run_token": token},
         stage="done",
         finished_at=timezone.now(),
         run_token=None,
+        **fields,
     )
+
+
+def do_hold_run(job: Job, token: uuid.UUID, *, reason: str) -> bool:
+    """running → held: the run's next call does not fit the job's budget. What the job still
+    reserved is given back now; `budgets.release_held` reserves again and resumes it, in
+    priority order, when the budget frees (cap raised, period rolled over)."""
+    with transaction.atomic():
+        won = transition(
+            job,
+            [Job.Status.RUNNING],
+            Job.Status.HELD,
+            reason=reason,
+            extra_filter={"run_token": token},
+            wait_reason=reason[:200],
+            stage="held",
+            progress_message=reason[:300],
+            run_token=None,
+        )
+        if won:
+            budgets.release(job)
+    return won
 
 
 def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "") -> bool:
     """Cancel a job that has not finished. A running job's worker sees the new status at its
-    next checkpoint and its late result is discarded by the fencing token."""
+    next heartbeat (a streamed call is cut there) or before its next call, and a late result
+    is discarded by the fencing token."""
     won = transition(
         job,
         Job.CANCELLABLE_STATUSES,

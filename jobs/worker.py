@@ -36,7 +36,7 @@ from rq.timeouts import BaseDeathPenalty, JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from jobs import heartbeats, queueing, reconcile
+from jobs import dbconn, heartbeats, queueing, reconcile
 from jobs.flow.priorities import StarvationGuardMixin
 
 log = logging.getLogger(__name__)
@@ -303,8 +303,9 @@ class ThreadPoolWorker(Worker):
                 log.exception("worker thread: job %s ended abnormally", job.id)
             finally:
                 self.execution = None
-                # The job boundary: close this thread's connections (back to the pool).
-                connections.close_all()
+                # The job boundary: this thread's connection back to the pool, or closed if
+                # broken or too old (jobs.dbconn).
+                dbconn.end_of_job()
                 with self._lock:
                     self._in_flight.pop(job.id, None)
                     self._changed.notify_all()

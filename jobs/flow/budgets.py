@@ -97,10 +97,11 @@ def estimate_input_tokens(workload: Workload, input_text: str) -> int:
     )
 
 
-def estimate(workload: Workload, input_text: str) -> Estimate:
-    """The job's worst-case cost for one call: estimated input + max output tokens, at the
-    dearest of its primary and fallback models. Raises CannotEstimate without a price."""
-    tokens_in = estimate_input_tokens(workload, input_text)
+def estimate(workload: Workload, input_text: str, *, min_tokens_in: int = 0) -> Estimate:
+    """The job's worst-case cost for one call: estimated input (at least `min_tokens_in`) +
+    max output tokens, at the dearest of its primary and fallback models. Raises
+    CannotEstimate without a price."""
+    tokens_in = max(estimate_input_tokens(workload, input_text), min_tokens_in)
     tokens_out = workload.max_output_tokens
     candidates = [(workload.provider, workload.model)]
     if workload.fallback_provider_id:
@@ -178,18 +179,24 @@ def reserve(job: Job, nanos: int, budgets: list[Budget]) -> Budget | None:
     try:
         with transaction.atomic():
             for budget in budgets:
-                fits = Budget.objects.filter(
-                    pk=budget.pk,
-                    cap_nanos__gte=F("spent_nanos") + F("reserved_nanos") + nanos,
-                ).update(reserved_nanos=F("reserved_nanos") + nanos)
-                if not fits:
-                    raise _Exhausted(budget)
+                _add_reserved(budget, nanos)
                 BudgetReservation.objects.create(budget=budget, job=job, amount_nanos=nanos)
             Job.objects.filter(pk=job.pk).update(cost_reserved=nanos_to_usd(nanos))
     except _Exhausted as exc:
         return exc.budget
     job.cost_reserved = nanos_to_usd(nanos)
     return None
+
+
+def _add_reserved(budget: Budget, nanos: int) -> None:
+    """reserved += nanos if spent + reserved + nanos stays within the cap, in one conditional
+    UPDATE (no read, so no race); raises _Exhausted otherwise."""
+    fits = Budget.objects.filter(
+        pk=budget.pk,
+        cap_nanos__gte=F("spent_nanos") + F("reserved_nanos") + nanos,
+    ).update(reserved_nanos=F("reserved_nanos") + nanos)
+    if not fits:
+        raise _Exhausted(budget)
 
 
 def reserve_for(job: Job) -> Budget | None:
@@ -201,6 +208,46 @@ def reserve_for(job: Job) -> Budget | None:
         return None
     cost = estimate(job.workload, job.input_text)
     return reserve(job, cost.nanos, applicable)
+
+
+def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
+    """Before another call of a job that has already spent part of its reservation (a retry
+    after a paid call, the extract repair call): make the job's reservation on every budget
+    cover one more worst-case call again, all or nothing, under the cap. Returns the budget
+    that cannot take it (nothing changes then), else None.
+
+    Reserving one call at submit and topping up before each further paid call keeps the
+    guarantee per call: spent + reserved never passes a cap, however many calls a job makes.
+    """
+    applicable = budgets_for(job.workload)
+    if not applicable:
+        return None
+    try:
+        need = estimate(job.workload, job.input_text, min_tokens_in=min_tokens_in).nanos
+    except CannotEstimate:
+        log.warning("job=%s: no price any more for its model; call not reserved", job.code)
+        return None
+    try:
+        with transaction.atomic():
+            for budget in applicable:
+                held = (
+                    BudgetReservation.objects.select_for_update()
+                    .filter(budget=budget, job=job)
+                    .first()
+                )
+                more = need - (held.amount_nanos if held else 0)
+                if more <= 0:
+                    continue
+                _add_reserved(budget, more)
+                if held:
+                    BudgetReservation.objects.filter(pk=held.pk).update(amount_nanos=need)
+                else:
+                    BudgetReservation.objects.create(budget=budget, job=job, amount_nanos=need)
+            Job.objects.filter(pk=job.pk).update(cost_reserved=nanos_to_usd(need))
+    except _Exhausted as exc:
+        return exc.budget
+    job.cost_reserved = nanos_to_usd(need)
+    return None
 
 
 def reject_message(budget: Budget) -> str:
@@ -345,9 +392,12 @@ def release_held(limit: int = RELEASE_HELD_BATCH) -> int:
 @receiver(post_save, sender=Attempt, dispatch_uid="budgets-settle-attempt")
 def _settle_attempt(sender, instance: Attempt, created: bool, **kwargs) -> None:
     if created and instance.cost:
-        workload_id = (
-            Job.objects.filter(pk=instance.job_id).values_list("workload_id", flat=True).first()
-        )
+        if Attempt.job.is_cached(instance):
+            workload_id = instance.job.workload_id
+        else:
+            workload_id = (
+                Job.objects.filter(pk=instance.job_id).values_list("workload_id", flat=True).first()
+            )
         if workload_id is not None:
             settle(instance.job_id, workload_id, Decimal(instance.cost))
 

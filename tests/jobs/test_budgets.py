@@ -241,3 +241,49 @@ def test_admin_shows_spent_reserved_and_remaining(admin_client, redis_conn, work
     assert str(budget.remaining_usd) in page
     detail = admin_client.get(f"/admin/jobs/budget/{budget.pk}/change/").content.decode()
     assert "see the ledger" in detail
+
+
+def test_a_second_paid_call_is_reserved_first_or_the_job_is_held(
+    redis_conn, provider, user, run_worker
+):
+    """Extract's repair call comes after a paid call that used up the job's reservation. With a
+    cap that fits one worst-case call, the repair cannot be reserved: the job is held instead
+    of spending past the cap, and resumes when the cap is raised."""
+    from tests.jobs.test_kinds import INVOICE_SCHEMA
+
+    extractor = Workload.objects.create(
+        name="Invoices",
+        kind=Workload.Kind.EXTRACT,
+        system_prompt="Extract the invoice fields.",
+        output_schema=INVOICE_SCHEMA,
+        provider=provider,
+        model="sim-small",
+        max_output_tokens=200,
+    )
+    text = "ACME invoice [[invalid-json]]"
+    budget = make_budget(extractor, cap=cap_for(extractor, 1.2, text))
+    job = submit(extractor, user, text)
+    assert job.status == "queued"
+
+    run_worker()
+
+    job.refresh_from_db()
+    budget.refresh_from_db()
+    assert job.status == "held"
+    assert "exhausted" in job.wait_reason
+    assert job.attempts.count() == 1  # the repair call was never made
+    assert budget.spent_nanos == budgets.usd_to_nanos(job.cost_actual)
+    assert budget.spent_nanos + budget.reserved_nanos <= budget.cap_nanos
+    assert budget.reserved_nanos == 0
+    assert not BudgetReservation.objects.filter(job=job).exists()
+
+    budget.cap_usd = cap_for(extractor, 4, text)
+    budget.save()  # on commit: held jobs that now fit are reserved for and resumed
+    job.refresh_from_db()
+    assert job.status == "queued"
+    run_worker()
+    job.refresh_from_db()
+    budget.refresh_from_db()
+    assert job.status == "needs_review"  # the simulator's JSON stays invalid: a human decides
+    assert budget.spent_nanos == budgets.usd_to_nanos(job.cost_actual)
+    assert budget.reserved_nanos == 0
