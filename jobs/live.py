@@ -32,11 +32,12 @@ from collections.abc import Callable
 from typing import Any
 
 from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
 from django.db.models import Count, QuerySet
 from django.template.loader import render_to_string
 
 from jobs import queueing
-from jobs.models import Job
+from jobs.models import Attempt, Job, JobEvent, Provider
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,65 @@ def listened(groups: list[str]) -> set[str]:
 # --------------------------------------------------------------------------- rendering
 
 
-def _job_for_render(job_pk: int) -> Job | None:
-    return Job.objects.select_related("workload", "submitted_by").filter(pk=job_pk).first()
+# What the job's partials show of other rows; neither changes while a job runs.
+RENDER_RELATED = ("workload", "submitted_by")
+
+# The reads of every publish to a job page, in plain SQL that runs unchanged on SQLite and
+# PostgreSQL. The ORM compiles each query anew: ~1 ms apiece on these machines, four or five
+# times the query itself, and a publish makes three (bench/live.py). tests/jobs/test_live.py
+# checks that they return what the ORM's querysets do. Only table and column names from the
+# models' metadata are formatted in (hence the noqa); values are always parameters.
+_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s"  # noqa: S608
+_USERNAME = get_user_model()._meta.get_field(get_user_model().USERNAME_FIELD).column
+_EVENTS_SQL = (
+    f"SELECT e.*, u.{_USERNAME} AS actor_name FROM {JobEvent._meta.db_table} e "  # noqa: S608
+    f"LEFT OUTER JOIN {get_user_model()._meta.db_table} u ON u.id = e.actor_id "
+    "WHERE e.job_id = %s ORDER BY e.created_at, e.id"
+)
+_ATTEMPTS_SQL = (
+    f"SELECT a.*, p.name AS provider_name FROM {Attempt._meta.db_table} a "  # noqa: S608
+    f"INNER JOIN {Provider._meta.db_table} p ON p.id = a.provider_id "
+    "WHERE a.job_id = %s ORDER BY a.number, a.id"
+)
+
+
+def job_history(job: Job) -> list[JobEvent]:
+    """The job's events, oldest first, each with `actor_name` (the ORM's `job.events`)."""
+    return list(JobEvent.objects.raw(_EVENTS_SQL, [job.pk]))
+
+
+def job_ledger(job: Job) -> list[Attempt]:
+    """The job's attempts by number, each with `provider_name` (the ORM's `job.attempts`).
+    No query for a job that has made no call yet."""
+    return list(Attempt.objects.raw(_ATTEMPTS_SQL, [job.pk])) if job.attempt_count else []
+
+
+def _job_for_render(job_pk: int, like: Job | None = None) -> Job | None:
+    """The job's row as committed, with its workload and submitter: taken from `like` (the
+    caller's copy of the same job) where it has them loaded, else joined in."""
+    reuse = [
+        name
+        for name in RENDER_RELATED
+        if like is not None and Job._meta.get_field(name).is_cached(like)
+    ]
+    joined = [name for name in RENDER_RELATED if name not in reuse]
+    if joined:
+        job = Job.objects.select_related(*joined).filter(pk=job_pk).order_by().first()
+    else:
+        job = next(iter(Job.objects.raw(_JOB_SQL, [job_pk])), None)
+    if job is None:
+        return None
+    for name in reuse:
+        setattr(job, name, getattr(like, name))
+    return job
 
 
 def render_job_update(job: Job) -> dict[str, Any]:
     """The detail page's live partials, out-of-band, as one ``job.update`` message."""
     context = {
         "job": job,
-        "attempts": job.attempts.select_related("provider"),
-        "events": job.events.select_related("actor"),
+        "attempts": job_ledger(job),
+        "events": job_history(job),
         "oob": True,
     }
     html = render_to_string("jobs/detail.html#job-oob", context)
@@ -191,13 +241,13 @@ LIST_PARTS: dict[str, Callable[[Job, QuerySet[Job]], str]] = {
 }
 
 
-def list_groups(job: Job) -> list[tuple[str, QuerySet[Job]]]:
-    """The list groups that see `job`, each with the jobs that group may see."""
-    groups = [(ALL_JOBS_GROUP, Job.objects.all())]
-    if job.submitted_by_id is not None:
-        groups.append(
-            (user_group(job.submitted_by_id), Job.objects.filter(submitted_by=job.submitted_by_id))
-        )
+def list_groups(job: Job) -> list[tuple[str, Callable[[], QuerySet[Job]]]]:
+    """The list groups that see `job`, each with a function giving the jobs that group may
+    see (built only for a group that is rendered for: most publishes need just the names)."""
+    groups: list[tuple[str, Callable[[], QuerySet[Job]]]] = [(ALL_JOBS_GROUP, Job.objects.all)]
+    owner = job.submitted_by_id
+    if owner is not None:
+        groups.append((user_group(owner), lambda: Job.objects.filter(submitted_by=owner)))
     return groups
 
 
@@ -211,9 +261,10 @@ def render_list_updates(
 ) -> list[tuple[str, dict[str, Any]]]:
     messages = []
     new_marker = render_to_string("jobs/list.html#job-list-new", {"oob": True}) if created else None
-    for group, jobs in list_groups(job):
+    for group, visible in list_groups(job):
         if only is not None and group not in only:
             continue
+        jobs = visible()
         parts = {name: render(job, jobs) for name, render in LIST_PARTS.items()}
         if new_marker is not None:
             parts[NEW_JOB_PART] = new_marker
@@ -229,27 +280,25 @@ def _groups(job: Job) -> list[str]:
     return [job_group(job.code), *(group for group, _ in list_groups(job))]
 
 
-def publish_job(
-    job_pk: int,
-    *,
-    created: bool = False,
-    code: str | None = None,
-    submitted_by_id: int | None = None,
-) -> bool:
+def publish_job(job_or_pk: Job | int, *, created: bool = False) -> bool:
     """Render and push the current state of a job to its page and to the list/dashboard.
 
-    Called on commit (jobs.services registers it), so what it reads is what was committed.
-    Given the job's `code` and `submitted_by_id`, it asks Redis whether anyone watches before
-    reading the database: an unwatched job (most of them, in a burst) costs one round trip.
-    Never raises: a failed publish must not fail the state change that triggered it.
+    Called on commit (jobs.services registers it with the Job it changed). The job's row is
+    always read again, so what is rendered is what was committed; the caller's Job tells,
+    before any query, whether anyone watches (its code and owner name the groups: an
+    unwatched job, most of them in a burst, costs one Redis round trip), and lends its
+    already-loaded workload and submitter. Never raises: a failed publish must not fail the
+    state change that triggered it.
     """
+    known = job_or_pk if isinstance(job_or_pk, Job) else None
+    job_pk = known.pk if known is not None else job_or_pk
     try:
         watched: set[str] | None = None
-        if code is not None:
-            watched = listened(_groups(Job(pk=job_pk, code=code, submitted_by_id=submitted_by_id)))
+        if known is not None:
+            watched = listened(_groups(known))
             if not watched:
                 return True
-        job = _job_for_render(job_pk)
+        job = _job_for_render(job_pk, like=known)
         if job is None:
             return False
         if watched is None:

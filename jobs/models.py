@@ -468,11 +468,18 @@ class Attempt(models.Model):
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
-        ordering = ["job", "number"]
+        # job_id, not job: "job" would join jobs_job to order by the job's own ordering.
+        ordering = ["job_id", "number"]
         indexes = [models.Index(fields=["started_at"])]
 
     def __str__(self) -> str:
         return f"{self.job.code} attempt {self.number}"
+
+    @property
+    def provider_label(self) -> str:
+        # `provider_name` comes with jobs.live's raw read of a job's ledger; else the provider.
+        name = getattr(self, "provider_name", None)
+        return name if name is not None else self.provider.name
 
     @property
     def succeeded(self) -> bool:
@@ -501,7 +508,11 @@ class JobEvent(models.Model):
 
     @property
     def actor_label(self) -> str:
-        return self.actor.get_username() if self.actor else "system"
+        # `actor_name` comes with jobs.live's raw read of a job's history; otherwise the actor.
+        name = getattr(self, "actor_name", None)
+        if name is not None:
+            return name
+        return self.actor.get_username() if self.actor_id else "system"
 
 
 class ApiToken(models.Model):

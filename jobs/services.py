@@ -97,12 +97,7 @@ def publish_on_commit(job: Job, *, created: bool = False) -> None:
     (jobs.live). Registered inside the transaction, so a rollback publishes nothing."""
     from jobs import live  # rendering pulls in templates and the channel layer: load lazily
 
-    job_pk, code, submitted_by_id = job.pk, job.code, job.submitted_by_id
-    transaction.on_commit(
-        lambda: live.publish_job(
-            job_pk, created=created, code=code, submitted_by_id=submitted_by_id
-        )
-    )
+    transaction.on_commit(lambda: live.publish_job(job, created=created))
 
 
 def do_set_progress(

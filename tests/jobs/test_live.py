@@ -14,7 +14,7 @@ from django.db import transaction
 
 from aiqueue.asgi import application
 from jobs import live, services
-from jobs.models import Job
+from jobs.models import Job, JobEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -346,11 +346,43 @@ def test_worker_publishes_every_stage_of_a_streamed_run(
     assert job.output_text.split()[-1] in received[-1]
 
 
-def test_a_job_nobody_watches_is_not_rendered_or_sent(workload, user, redis_conn, monkeypatch):
+def test_a_job_nobody_watches_is_not_rendered_or_sent(
+    workload, user, redis_conn, monkeypatch, django_assert_num_queries
+):
     job = submit(workload, user)
     sent, rendered = [], []
     monkeypatch.setattr(live, "send", lambda messages: sent.extend(messages) or True)
     monkeypatch.setattr(live, "render_job_update", lambda job: rendered.append(job) or {})
     assert live.publish_job(job.pk)
+    # As published on commit, with the Job: who listens is asked before any query.
+    with django_assert_num_queries(0):
+        assert live.publish_job(job)
     assert sent == []
     assert rendered == []
+
+
+def test_the_raw_reads_of_a_publish_match_the_orm(
+    workload, user, redis_conn, simulator, run_worker
+):
+    job = submit(workload, user)
+    run_worker()
+    job = Job.objects.select_related("workload__provider", "submitted_by").get(pk=job.pk)
+    JobEvent.objects.create(job=job, actor=user, from_status="succeeded", to_status="succeeded")
+    assert job.attempts.count() == 1
+    assert job.events.filter(actor=user).count() == 2  # submitted, and the one above
+
+    fresh = live._job_for_render(job.pk, like=job)
+    orm = Job.objects.get(pk=job.pk)
+    for field in Job._meta.concrete_fields:
+        assert getattr(fresh, field.attname) == getattr(orm, field.attname), field.name
+    assert fresh.workload is job.workload  # lent by the caller, not read again
+
+    event_fields = ("id", "created_at", "from_status", "to_status", "reason", "actor_label")
+    assert [tuple(getattr(e, f) for f in event_fields) for e in live.job_history(job)] == [
+        tuple(getattr(e, f) for f in event_fields) for e in job.events.select_related("actor")
+    ]
+    ledger_fields = ("id", "number", "provider_label", "model", "tokens_out", "cost", "error_class")
+    assert [tuple(getattr(a, f) for f in ledger_fields) for a in live.job_ledger(job)] == [
+        tuple(getattr(a, f) for f in ledger_fields) for a in job.attempts.select_related("provider")
+    ]
+    assert live.job_ledger(Job(pk=job.pk, attempt_count=0)) == []
