@@ -181,6 +181,12 @@ AIQUEUE_ENQUEUE_GRACE = env_int("AIQUEUE_ENQUEUE_GRACE", 5, minimum=0)
 AIQUEUE_JOBS_PER_PAGE = env_int("AIQUEUE_JOBS_PER_PAGE", 25, minimum=1)
 AIQUEUE_SIMULATOR_URL = env_str("AIQUEUE_SIMULATOR_URL", "http://127.0.0.1:8100")
 # /metrics answers staff sessions, and `Authorization: Bearer <token>` when this is set.
+# Submissions processed at once per web process; the rest wait their turn without using CPU,
+# so a burst cannot starve other pages (aiqueue.bulkhead). 0: no limit.
+AIQUEUE_SUBMIT_CONCURRENCY = env_int("AIQUEUE_SUBMIT_CONCURRENCY", 2, minimum=0)
+# The dashboard's health figures are shared by every operator's page for this long (seconds,
+# per web process; 0: computed for each request). They cost a few dozen aggregate queries.
+AIQUEUE_DASHBOARD_CACHE_SECONDS = env_int("AIQUEUE_DASHBOARD_CACHE_SECONDS", 2, minimum=0)
 AIQUEUE_METRICS_TOKEN = env_str("AIQUEUE_METRICS_TOKEN", "")
 # Retries (jobs/retries.py): a wait longer than AIQUEUE_MAX_INLINE_RETRY_WAIT seconds parks the
 # job instead of sleeping in the worker. Backoff is full jitter: uniform(0, base * 2^(n-1)),

@@ -12,8 +12,11 @@ The page (templates/jobs/dashboard.html) has two live regions:
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count
 from django.http import HttpRequest
@@ -72,9 +75,39 @@ def context(request: HttpRequest, part: str | None = None) -> dict[str, Any]:
     return data
 
 
+_snapshots: dict[str, tuple[float, stats.Snapshot]] = {}
+_snapshot_lock = threading.Lock()
+
+
+def recent_snapshot(span: str) -> stats.Snapshot:
+    """`stats.snapshot` for `span`, at most AIQUEUE_DASHBOARD_CACHE_SECONDS old. Every
+    operator's page, its 5 s refresh and its websocket-triggered re-fetches share one
+    computation per process, so the dashboard's cost does not grow with its viewers (nor
+    with a burst, which triggers re-fetches). One computation at a time: threads that waited
+    for it take its result."""
+    ttl = settings.AIQUEUE_DASHBOARD_CACHE_SECONDS
+    if ttl <= 0:
+        return stats.snapshot(spans=[span])
+    cached = _snapshots.get(span)
+    if cached is not None and time.monotonic() - cached[0] < ttl:
+        return cached[1]
+    with _snapshot_lock:
+        cached = _snapshots.get(span)
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+        snap = stats.snapshot(spans=[span])
+        _snapshots[span] = (time.monotonic(), snap)
+        return snap
+
+
+def forget_snapshots() -> None:
+    """After an operator's action: the next page shows its effect at once."""
+    _snapshots.clear()
+
+
 def health_context(request: HttpRequest) -> dict[str, Any]:
     span = requested_span(request)
-    snap = stats.snapshot(spans=[span])
+    snap = recent_snapshot(span)
     can = permissions(request.user)
     return {
         "snap": snap,

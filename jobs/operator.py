@@ -7,6 +7,7 @@ dashboard), so every control leaves a record of who did what, when.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import httpx
@@ -123,10 +124,22 @@ def simulator_url() -> str:
     return settings.AIQUEUE_SIMULATOR_URL.rstrip("/") + "/_control"
 
 
+_control: tuple[int, httpx.Client] | None = None
+
+
+def control_client() -> httpx.Client:
+    """One client per process for the simulator's control API: `httpx.get()` builds a client,
+    and with it an SSL context, per call (~50 ms here), on every operator's dashboard load."""
+    global _control
+    if _control is None or _control[0] != os.getpid():
+        _control = (os.getpid(), httpx.Client())
+    return _control[1]
+
+
 def simulator_state() -> dict[str, Any] | None:
     """The simulator's current config and counters, or None if it does not answer."""
     try:
-        response = httpx.get(simulator_url(), timeout=1.0)
+        response = control_client().get(simulator_url(), timeout=1.0)
         response.raise_for_status()
         return response.json()
     except (httpx.HTTPError, ValueError):
@@ -136,7 +149,7 @@ def simulator_state() -> dict[str, Any] | None:
 def do_set_simulator_faults(faults: dict[str, Any], *, actor: AbstractBaseUser) -> dict[str, Any]:
     """PUT fault switches to the simulator's control API (see jobs/providers/simulator.py)."""
     try:
-        response = httpx.put(simulator_url(), json=faults, timeout=SIMULATOR_TIMEOUT_S)
+        response = control_client().put(simulator_url(), json=faults, timeout=SIMULATOR_TIMEOUT_S)
     except httpx.HTTPError as exc:
         raise OperatorError(f"The simulator did not answer: {type(exc).__name__}") from exc
     if response.status_code != 200:

@@ -34,6 +34,7 @@ def operator_control(permission: str) -> Callable:
                 view(request, *args, **kwargs)
             except operator.OperatorError as exc:
                 messages.error(request, str(exc))
+            dashboard.forget_snapshots()
             return panel_or_redirect(request)
 
         return wrapped

@@ -83,6 +83,15 @@ def spawn(args: list[str], log_dir: Path, env: dict | None = None) -> subprocess
     )
 
 
+@pytest.fixture(autouse=True)
+def fresh_dashboard_figures():
+    """The dashboard shares its health figures for a few seconds (jobs.dashboard): no test may
+    see another's."""
+    from jobs import dashboard
+
+    dashboard.forget_snapshots()
+
+
 @pytest.fixture(scope="session")
 def simulator_process():
     port = free_port()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.contrib.auth.models import Permission, User
 
@@ -59,3 +61,31 @@ def test_counters_refresh_still_renders_only_the_counters(client, viewer, notes)
 def test_health_panel_refresh_is_refused_to_plain_users(user_client, notes):
     response = user_client.get("/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="dashboard-live")
     assert response.status_code == 403
+
+
+def queued_tile(html: str) -> int:
+    found = re.search(r'id="health-queued">\s*<span class="label">Queued</span>'
+                      r'<span class="value">(\d+)<', html)  # fmt: skip
+    assert found, html[:2000]
+    return int(found.group(1))
+
+
+def test_health_figures_are_shared_for_a_moment_and_fresh_after_an_action(
+    client, viewer, notes, redis_conn, settings, django_assert_max_num_queries
+):
+    settings.AIQUEUE_DASHBOARD_CACHE_SECONDS = 60
+    viewer.user_permissions.add(Permission.objects.get(codename="change_workload"))
+    client.force_login(viewer)
+    panel = {"HTTP_HX_REQUEST": "true", "HTTP_HX_TARGET": "dashboard-live"}
+    assert queued_tile(client.get("/", **panel).content.decode()) == 0
+
+    # Another load within the window: none of the aggregate queries, the same figures.
+    Job.objects.create(workload=notes, input_text="x", status=Job.Status.QUEUED)
+    with django_assert_max_num_queries(6):
+        html = client.get("/", **panel).content.decode()
+    assert queued_tile(html) == 0
+
+    # An operator's action shows at once: the shared figures are dropped.
+    html = client.post(f"/operator/workloads/{notes.pk}/pause/", **panel).content.decode()
+    assert "paused</span>" in html
+    assert queued_tile(html) == 1  # the job created above, no longer hidden by the cache
