@@ -94,12 +94,16 @@ class Stack:
         self,
         *,
         sim_latency_ms: int = 0,
+        stream_chunk_delay_ms: int = 0,
         database_url: str | None = None,
         env: dict[str, str] | None = None,
         keep: bool = False,
         migrate: bool = True,
     ) -> None:
         self.sim_latency_ms = sim_latency_ms
+        # 0 by default: a call takes `sim_latency_ms`, as the scenarios' ideals assume (the
+        # simulator's own default pauses 20 ms between streamed chunks, ~0.3 s a call more).
+        self.stream_chunk_delay_ms = stream_chunk_delay_ms
         self.keep = keep
         self._migrate = migrate
         self.tmp = Path(tempfile.mkdtemp(prefix="aiqb-"))
@@ -163,6 +167,7 @@ class Stack:
              "--port", str(self.simulator_port), "--latency-ms", str(self.sim_latency_ms)],
         )  # fmt: skip
         wait_port(self.simulator_port)
+        self.sim_control(stream_chunk_delay_ms=self.stream_chunk_delay_ms)
         if self._migrate:
             self.manage("migrate", "--noinput", "-v", "0")
 

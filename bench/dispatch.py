@@ -88,9 +88,6 @@ def main() -> None:
 
     with Stack(sim_latency_ms=0) as stack:
         stack.django()
-        # Zero latency means no delay between streamed chunks either: the bench measures the
-        # pipeline's own cost per job, not the simulator's pacing.
-        stack.sim_control(stream_chunk_delay_ms=0)
         workload = stack.make_workload("Bench dispatch", max_output_tokens=20)
         key = stack.api_token()
         web = stack.start_web(workers=1)

@@ -45,7 +45,6 @@ def main() -> None:
 
     with Stack(sim_latency_ms=0) as stack:
         stack.django()
-        stack.sim_control(stream_chunk_delay_ms=0)
         workload = stack.make_workload("Bench profile", max_output_tokens=20)
         pks = stack.submit_jobs(workload, options.jobs)
 

@@ -158,6 +158,9 @@ def main() -> None:
         statuses = dict(Job.objects.values_list("status").annotate(n=Count("id")))
         budget.refresh_from_db()
         ledger = Attempt.objects.aggregate(total=Sum("cost"))["total"] or Decimal(0)
+        # How busy the cap's slots were: provider-call time / (cap × completion time).
+        call_s = (Attempt.objects.aggregate(ms=Sum("latency_ms"))["ms"] or 0) / 1000
+        busy = call_s / (args.cap * completion_s)
         parked = Job.objects.filter(events__reason__startswith="concurrency cap full").distinct()
 
         print(
@@ -181,6 +184,12 @@ def main() -> None:
                 ["provider calls", counters["requests_total"], f"{args.jobs} jobs"],
                 ["completion time", f"{completion_s:.1f} s", f"ideal {ideal_s:.0f} s"],
                 ["completion vs ideal", f"{completion_s / ideal_s:.2f}×", "1.00×"],
+                ["cap slots busy", f"{busy:.0%}", "100%"],
+                [
+                    "mean provider call",
+                    f"{call_s / max(1, counters['requests_total']):.2f} s",
+                    f"{args.latency_ms / 1000:.2f} s",
+                ],  # fmt: skip
                 ["jobs parked on the cap", parked.count(), ""],
                 ["outcomes", ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())), ""],
                 ["highest spent + reserved", f"${highest['nanos'] / 1e9:.6f}", f"cap ${cap_usd}"],

@@ -17,7 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 
-from jobs import admission, services
+from jobs import admission, retries, services
 from jobs.flow import breaker, budgets
 from jobs.models import Job, Priority, Provider, Workload
 
@@ -85,12 +85,14 @@ def do_resume_workload(workload: Workload, *, actor: AbstractBaseUser) -> bool:
 
 
 def do_reset_breaker(provider: Provider, *, actor: AbstractBaseUser) -> str:
-    """Close the provider's circuit breaker by hand. Returns the state it was in."""
+    """Close the provider's circuit breaker by hand, and send the jobs parked on it back to
+    their queues now rather than at their resume times. Returns the state it was in."""
     try:
         previous = breaker.reset(provider, by=actor.get_username())
     except Exception as exc:  # noqa: BLE001 - Redis down: tell the operator, change nothing
         raise OperatorError(f"Could not reset the breaker: {type(exc).__name__}") from exc
-    audit(actor, provider, f"reset the circuit breaker (was {previous})")
+    woken = retries.wake_breaker_waiters(provider)
+    audit(actor, provider, f"reset the circuit breaker (was {previous}); {woken} job(s) woken")
     return previous
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
-from jobs import operator
+from jobs import operator, retries
 from jobs.admission import PAUSED_REASON
 from jobs.flow import breaker
 from jobs.models import Job, JobEvent, Priority, Provider, Workload
@@ -120,18 +123,34 @@ def test_release_held_resumes_jobs_that_fit(ops_client, ops, notes):
     assert audit_messages() == ["Operator: released 1 held job(s); 0 still held"]
 
 
-def test_reset_breaker_closes_it(ops_client, ops, sim, redis_conn):
+def test_reset_breaker_closes_it_and_wakes_the_jobs_parked_on_it(
+    ops_client, ops, sim, notes, redis_conn
+):
     for _ in range(sim.breaker_failure_threshold):
         breaker.record(sim, ok=False, was_probe=False, reason="503")
     assert breaker.status(sim).state == "open"
+    parked = Job.objects.create(
+        workload=notes,
+        input_text="x",
+        status=Job.Status.WAITING,
+        wait_reason=f"{retries.breaker_wait_reason(sim)}; retrying at 10:00",
+        resume_at=timezone.now() + timedelta(minutes=5),
+    )
+    other = Job.objects.create(
+        workload=notes, input_text="y", status=Job.Status.WAITING, wait_reason="workload paused"
+    )
 
     ops_client.post(reverse("operator:reset-breaker", args=[sim.pk]))
 
     assert breaker.status(sim).state == "closed"
+    parked.refresh_from_db()
+    other.refresh_from_db()
+    assert parked.status == Job.Status.QUEUED  # now, not in five minutes
+    assert other.status == Job.Status.WAITING  # parked for another reason: left alone
     entry = LogEntry.objects.get()
     assert (entry.object_repr, entry.change_message) == (
         "Sim",
-        "Operator: reset the circuit breaker (was open)",
+        "Operator: reset the circuit breaker (was open); 1 job(s) woken",
     )
 
 
