@@ -172,6 +172,8 @@ AIQUEUE_STALE_RUNNING_AFTER = env_int("AIQUEUE_STALE_RUNNING_AFTER", 20, minimum
 # long a stopping worker lets them finish before handing them back to the queue (8 s: within
 # the 10 s ./run waits before it kills what is left).
 AIQUEUE_WORKER_THREADS = env_int("AIQUEUE_WORKER_THREADS", 20, minimum=1)
+# CPU priority of `manage.py worker` below the web process (os.nice increment; 0: same).
+AIQUEUE_WORKER_NICE = env_int("AIQUEUE_WORKER_NICE", 10, minimum=0)
 AIQUEUE_WORKER_SHUTDOWN_GRACE = env_int("AIQUEUE_WORKER_SHUTDOWN_GRACE", 8, minimum=0)
 # httpx clients per provider per process, used round-robin (jobs.providers.base.client_for).
 AIQUEUE_HTTP_CLIENTS = env_int("AIQUEUE_HTTP_CLIENTS", 8, minimum=1)

@@ -75,7 +75,7 @@ class Provider(models.Model):
         return self.name
 
     def price_for(self, model: str) -> ModelPrice | None:
-        return self.prices.filter(model=model).first()
+        return self.prices.filter(model=model).order_by("pk").first()
 
     @property
     def read_timeout_g(self) -> str:

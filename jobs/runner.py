@@ -44,7 +44,12 @@ def execute(code: str, *, worker: str = "") -> str:
 
 
 def _execute(code: str, *, worker: str = "") -> str:
-    job = Job.objects.select_related("workload__provider", "submitted_by").filter(code=code).first()
+    job = (
+        Job.objects.select_related("workload__provider", "submitted_by")
+        .filter(code=code)
+        .order_by()  # the code is unique: no ORDER BY to compile
+        .first()
+    )
     if job is None:
         log.warning("job=%s not found; dropping its queue entry", code)
         return "missing"

@@ -163,7 +163,10 @@ def roll_periods(now: datetime | None = None) -> list[int]:
 
 def budgets_for(workload: Workload) -> list[Budget]:
     """The budgets a job of this workload counts against: every global one, and its own."""
-    return list(Budget.objects.filter(Q(workload__isnull=True) | Q(workload=workload)))
+    # In creation order: the default ordering (by workload name) would join jobs_workload.
+    return list(
+        Budget.objects.filter(Q(workload__isnull=True) | Q(workload=workload)).order_by("pk")
+    )
 
 
 class _Exhausted(Exception):

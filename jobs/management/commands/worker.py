@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import connections
@@ -32,6 +34,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options) -> None:
+        if settings.AIQUEUE_WORKER_NICE:
+            # Background work yields the CPU to the web process on a shared machine: a burst
+            # of jobs must not slow the pages people are using (docs/architecture.md).
+            os.nice(settings.AIQUEUE_WORKER_NICE)
         threads = options["threads"] or settings.AIQUEUE_WORKER_THREADS
         size_db_pool(threads)
         worker = build_worker(name=options["name"], threads=threads)
