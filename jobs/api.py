@@ -20,7 +20,7 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from jobs import services
+from jobs import kinds, services
 from jobs.models import ApiToken, Job, Workload
 from jobs.views import can_change_job, visible_jobs
 
@@ -100,15 +100,16 @@ def submit(request: HttpRequest) -> HttpResponse:
     if not isinstance(body, dict):
         return error(400, "Body must be a JSON object.")
     workload_ref = body.get("workload")
-    input_text = body.get("input")
     if not workload_ref:
         return error(400, "Field 'workload' is required (its name or id).")
-    if not isinstance(input_text, str):
-        return error(400, "Field 'input' is required and must be a string.")
     lookup = {"pk": workload_ref} if isinstance(workload_ref, int) else {"name": workload_ref}
     workload = Workload.objects.select_related("provider").filter(**lookup).order_by().first()
     if workload is None:
         return error(400, f"Unknown workload {workload_ref!r}.")
+    try:
+        input_text, input_data = _job_input(workload, body)
+    except ValueError as exc:
+        return error(400, str(exc))
     key = request.headers.get("Idempotency-Key") or body.get("idempotency_key") or ""
     try:
         deadline = _parse_time(body, "deadline")
@@ -119,6 +120,7 @@ def submit(request: HttpRequest) -> HttpResponse:
         job, created = services.do_submit_job(
             workload=workload,
             input_text=input_text,
+            input_data=input_data,
             user=request.user,
             priority=str(body.get("priority") or ""),
             idempotency_key=str(key),
@@ -135,6 +137,41 @@ def submit(request: HttpRequest) -> HttpResponse:
     response = JsonResponse(job_json(request, job), status=202 if created else 200)
     response["Location"] = job.get_absolute_url()
     return response
+
+
+def _job_input(workload: Workload, body: dict) -> tuple[str, dict[str, str] | None]:
+    """(input_text, input_data) from the body: `input` (a string) for a workload with one
+    input, `fields` (an object with a string per named field of its template) otherwise, as
+    the form asks for them. Raises ValueError with a message for the client."""
+    if workload.kind == Workload.Kind.DOCUMENT:
+        raise ValueError(
+            f"Workload {workload.name!r} takes a document: upload it with the form at /jobs/new/."
+        )
+    names = workload.input_fields
+    if names == ["input"]:
+        if not isinstance(body.get("input"), str):
+            raise ValueError("Field 'input' is required and must be a string.")
+        return body["input"], None
+    fields = body.get("fields")
+    expected = ", ".join(names)
+    if not isinstance(fields, dict):
+        raise ValueError(
+            f"Workload {workload.name!r} takes named fields ({expected}): send them as "
+            "'fields', an object with a string for each."
+        )
+    unknown = sorted(set(fields) - set(names))
+    missing = [name for name in names if not str(fields.get(name) or "").strip()]
+    if unknown or missing or not all(isinstance(fields.get(n), str) for n in names):
+        problems = []
+        if missing:
+            problems.append(f"missing or empty: {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unknown: {', '.join(unknown)}")
+        if not problems:
+            problems.append("every value must be a string")
+        raise ValueError(f"Fields of {workload.name!r} ({expected}): {'; '.join(problems)}.")
+    values = {name: fields[name] for name in names}
+    return kinds.render_input_text(values), values
 
 
 def _parse_time(body: dict, name: str) -> datetime | None:

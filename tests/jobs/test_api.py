@@ -114,3 +114,55 @@ def test_only_the_token_digest_is_stored(token):
     stored = ApiToken.objects.get()
     assert token not in (stored.digest, stored.prefix)
     assert stored.digest == ApiToken.hash_key(token)
+
+
+@pytest.fixture
+def templated(workload):
+    workload.prompt_template = "Write to {customer} about {topic}."
+    workload.save()
+    return workload
+
+
+def test_submit_named_fields_like_the_form(client, token, templated, redis_conn):
+    response = post_job(
+        client,
+        {"workload": templated.name, "fields": {"customer": "ACME", "topic": "the late invoice"}},
+        Authorization=f"Bearer {token}",
+    )
+    assert response.status_code == 202, response.content
+    job = Job.objects.get()
+    assert job.input_data == {"customer": "ACME", "topic": "the late invoice"}
+    assert job.input_text == "customer: ACME\ntopic: the late invoice"
+    from jobs import kinds
+
+    assert kinds.build_request(job).user_prompt == "Write to ACME about the late invoice."
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"input": "no fields"}, "takes named fields (customer, topic)"),
+        ({"fields": {"customer": "ACME"}}, "missing or empty: topic"),
+        ({"fields": {"customer": "ACME", "topic": " "}}, "missing or empty: topic"),
+        ({"fields": {"customer": "ACME", "topic": "x", "extra": "y"}}, "unknown: extra"),
+        ({"fields": {"customer": "ACME", "topic": 5}}, "every value must be a string"),
+    ],
+)
+def test_named_fields_errors_are_clear_and_create_nothing(client, token, templated, body, message):
+    response = post_job(
+        client, {"workload": templated.name, **body}, Authorization=f"Bearer {token}"
+    )
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert not Job.objects.exists()
+
+
+def test_a_document_workload_points_to_the_form(client, token, workload):
+    workload.kind = "document"
+    workload.save()
+    response = post_job(
+        client, {"workload": workload.name, "input": "x"}, Authorization=f"Bearer {token}"
+    )
+    assert response.status_code == 400
+    assert "/jobs/new/" in response.json()["error"]
+    assert not Job.objects.exists()
