@@ -86,7 +86,8 @@ def test_cancelling_a_running_job_cuts_its_streamed_call(
 
     job.refresh_from_db()
     assert job.status == "cancelled"
-    assert finished_at - cancelled_at[0] < 1.5  # cut within a few beats, not at stream end
+    # Cut within a few beats (0.2 s each), well before the 3+ s the stream had left.
+    assert finished_at - cancelled_at[0] < 2.0
     attempt = Attempt.objects.get(job=job)
     assert attempt.error_class == "RunEnded"
     # What was streamed before the cut is charged, and the budget agrees with the ledger.
@@ -124,7 +125,7 @@ def test_a_running_job_past_its_deadline_expires_and_its_call_is_cut(
     # the heartbeat that expired the job, whichever came first.
     attempt = Attempt.objects.get(job=job)
     assert attempt.error_class in {"timeout", "RunEnded"}
-    assert (attempt.ended_at - deadline).total_seconds() < 1.0
+    assert (attempt.ended_at - deadline).total_seconds() < 1.5
     assert attempt.tokens_out > 0
     assert attempt.cost > 0
 
