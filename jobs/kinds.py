@@ -292,7 +292,8 @@ def handle_output(
 ) -> None:
     """Judge the answer; finish the job, repair once (extract), or escalate to review.
 
-    `call` is the runner's ledgered provider call, so a repair is an Attempt like any other.
+    `call` is the runner's ledgered provider call through the retry layer, so a repair is an
+    Attempt like any other and a transient failure of it is retried.
     """
     workload = job.workload
     verdict = parse(workload, completion)
@@ -308,9 +309,10 @@ def handle_output(
         try:
             completion = call(job, repair)
         except ProviderError as exc:
-            from jobs import runner
-
-            runner.handle_failure(job, token, exc)
+            # Retried already (or the job's attempts are used up): a reviewer gets the first
+            # answer and its problem, and can fix it by hand.
+            evidence["repair_error"] = exc.message[:500]
+            escalate(job, token, verdict, {**evidence, "problem": verdict.problem})
             return
         verdict = parse(workload, completion)
         evidence["repaired"] = verdict.ok

@@ -164,7 +164,19 @@ def handle_failure(job: Job, token: uuid.UUID, exc: ProviderError) -> None:
 def handle_output(job: Job, token: uuid.UUID, completion: Completion) -> None:
     # Parse and validate per kind (one repair call for extract); then the review rules (low
     # confidence, sampling) decide between finishing and escalating: jobs.kinds.
-    kinds.handle_output(job, token, completion, build_request(job), call=call_provider)
+
+    def repair_call(job: Job, request: CompletionRequest) -> Completion:
+        # The extract repair goes through the same retry layer as the first call: breaker,
+        # retry budget, backoff, the job's attempt limit (a parked repair raises RunEnded).
+        return retries.call_with_retries(
+            job,
+            token,
+            request,
+            primary=override_provider(job) or job.workload.provider,
+            call=call_provider,
+        )
+
+    kinds.handle_output(job, token, completion, build_request(job), call=repair_call)
 
 
 def call_provider(

@@ -174,6 +174,35 @@ def test_extract_invalid_json_twice_goes_to_review(redis_conn, extractor, user, 
     assert "not valid JSON" in ReviewItem.objects.get(job=job).evidence["problem"]
 
 
+def test_a_transient_failure_of_the_repair_call_is_retried(
+    redis_conn, extractor, user, run_worker, simulator
+):
+    # First answer (invalid JSON by the marker), the repair call fails once with a 503, its
+    # retry answers (still invalid: the marker stays in the prompt).
+    simulator.control(script=[200, 503, 200])
+    job = run(extractor, user, run_worker, "ACME invoice [[invalid-json]]")
+    assert job.status == "needs_review"
+    assert list(job.attempts.values_list("http_status", flat=True)) == [200, 503, 200]
+    item = ReviewItem.objects.get(job=job)
+    assert item.reason == "invalid_output"
+    assert item.evidence["repaired"] is False
+
+
+def test_a_repair_that_cannot_be_made_leaves_the_reviewer_the_first_answer(
+    redis_conn, extractor, user, run_worker
+):
+    extractor.max_attempts = 1
+    extractor.save()
+    job = run(extractor, user, run_worker, "ACME invoice [[invalid-json]]")
+    assert job.status == "needs_review"
+    assert job.attempts.count() == 1  # the repair would have been a second call
+    item = ReviewItem.objects.get(job=job)
+    assert item.reason == "invalid_output"
+    assert "attempts were used" in item.evidence["repair_error"]
+    assert item.evidence["first_answer"]
+    assert item.output_text == item.evidence["first_answer"]
+
+
 def test_extract_workload_requires_a_valid_schema(provider):
     workload = Workload(
         name="x", kind="extract", provider=provider, model="m", output_schema={"type": 5}
