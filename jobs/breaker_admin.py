@@ -17,7 +17,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
-from jobs import retries
+from jobs import operator
 from jobs.flow import breaker
 from jobs.models import Provider
 
@@ -94,12 +94,7 @@ class BreakerAdminMixin:
         return HttpResponseRedirect(reverse("admin:jobs_provider_change", args=[provider.pk]))
 
     def _reset(self, request: HttpRequest, provider: Provider) -> None:
-        previous = breaker.reset(provider, by=request.user.get_username())
-        # The jobs parked on the breaker go back to their queues now (jobs.retries).
-        woken = retries.wake_breaker_waiters(provider)
-        self.log_change(
-            request, provider, f"Reset the circuit breaker (was {previous}); {woken} job(s) woken."
-        )
-        messages.success(
-            request, f"Circuit breaker of {provider} reset (was {previous}); {woken} job(s) woken."
-        )
+        previous, woken = operator.reset_breaker(provider, by=request.user.get_username())
+        outcome = f"(was {previous}); {woken} job(s) woken."
+        self.log_change(request, provider, f"Reset the circuit breaker {outcome}")
+        messages.success(request, f"Circuit breaker of {provider} reset {outcome}")

@@ -27,7 +27,5 @@ def release_while_waiting() -> None:
 def end_of_job() -> None:
     """A job boundary, like the end of an HTTP request: pooled connections go back to the
     pool; others are closed if broken or older than CONN_MAX_AGE (SQLite keeps its handle)."""
-    for conn in connections.all(initialized_only=True):
-        if conn.settings_dict.get("OPTIONS", {}).get("pool") and not conn.in_atomic_block:
-            conn.close()
+    release_while_waiting()
     close_old_connections()

@@ -75,13 +75,12 @@ class RunHeartbeats:
                 heartbeat_at=timezone.now()
             )
         for token, (_, on_beat, on_lost) in runs.items():
-            callback = on_beat if token in alive else None
-            if token not in alive and on_lost is not None:
-                callback = lambda on_lost=on_lost: on_lost(LOST)  # noqa: E731
-            if callback is None:
-                continue
             try:
-                callback()
+                if token in alive:
+                    if on_beat is not None:
+                        on_beat()
+                elif on_lost is not None:
+                    on_lost(LOST)
             except Exception:
                 log.exception("a run's heartbeat callback failed; its next beat will try again")
         return updated

@@ -88,12 +88,19 @@ def do_reset_breaker(provider: Provider, *, actor: AbstractBaseUser) -> str:
     """Close the provider's circuit breaker by hand, and send the jobs parked on it back to
     their queues now rather than at their resume times. Returns the state it was in."""
     try:
-        previous = breaker.reset(provider, by=actor.get_username())
+        previous, woken = reset_breaker(provider, by=actor.get_username())
     except Exception as exc:  # noqa: BLE001 - Redis down: tell the operator, change nothing
         raise OperatorError(f"Could not reset the breaker: {type(exc).__name__}") from exc
-    woken = retries.wake_breaker_waiters(provider)
     audit(actor, provider, f"reset the circuit breaker (was {previous}); {woken} job(s) woken")
     return previous
+
+
+def reset_breaker(provider: Provider, *, by: str) -> tuple[str, int]:
+    """Close the breaker and send the jobs parked on it back to their queues now (rather
+    than at their resume times). Returns (the state it was in, jobs woken). The dashboard's
+    control and the admin's both come here."""
+    previous = breaker.reset(provider, by=by)
+    return previous, retries.wake_breaker_waiters(provider)
 
 
 def do_release_held(*, actor: AbstractBaseUser) -> int:

@@ -193,6 +193,7 @@ def call_provider(
     `read_timeout` is clamped below what is left of the run's time."""
     workload = job.workload
     provider_row = provider or override_provider(job) or workload.provider
+    prompt_tokens = kinds.estimate_tokens(len(request.system_prompt) + len(request.user_prompt))
     # Before every call, first or retry: a run past its job's deadline expires the job, and a
     # cancelled or recovered one stops.
     if job.deadline is not None and job.deadline <= timezone.now():
@@ -201,12 +202,7 @@ def call_provider(
     if job.cost_actual:
         # A paid call was made already and came out of the reservation: reserve one more
         # worst-case call before this one, or hold the job until its budget frees.
-        exhausted = budgets.top_up(
-            job,
-            min_tokens_in=kinds.estimate_tokens(
-                len(request.system_prompt) + len(request.user_prompt)
-            ),
-        )
+        exhausted = budgets.top_up(job, min_tokens_in=prompt_tokens)
         if exhausted is not None:
             reason = budgets.hold_reason(exhausted)
             services.do_hold_run(job, job.run_token, reason=reason)
@@ -255,9 +251,7 @@ def call_provider(
         elif streamed:
             # Cut mid-stream (cancelled, expired, timed out): the provider bills what it
             # generated. Estimated from the text received, as the usage report never came.
-            attempt.tokens_in = kinds.estimate_tokens(
-                len(request.system_prompt) + len(request.user_prompt)
-            )
+            attempt.tokens_in = prompt_tokens
             attempt.tokens_out = kinds.estimate_tokens(sum(len(text) for text in streamed))
         if attempt.tokens_in or attempt.tokens_out:
             price = provider_row.price_for(request.model)

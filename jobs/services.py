@@ -113,17 +113,7 @@ def do_set_progress(
     fields: dict[str, Any] = {"stage": stage, "progress_message": message[:300]}
     if percent is not None:
         fields["progress_percent"] = max(0, min(100, int(percent)))
-    extra = {"run_token": token} if token is not None else {}
-    # One UPDATE: no transaction of its own (outside one, the publish runs at once).
-    updated = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, **extra).update(
-        updated_at=timezone.now(), **fields
-    )
-    if updated:
-        publish_on_commit(job)
-    if updated:
-        for name, value in fields.items():
-            setattr(job, name, value)
-    return bool(updated)
+    return _update_run(job, token, fields)
 
 
 def do_begin_attempt(job: Job) -> bool:
@@ -132,12 +122,22 @@ def do_begin_attempt(job: Job) -> bool:
     run's (cancelled, expired, recovered elsewhere): the call must not be made."""
     number = job.attempt_count + 1
     fields = {"stage": "calling", "progress_message": f"attempt {number}"}
-    updated = Job.objects.filter(
-        pk=job.pk, status=Job.Status.RUNNING, run_token=job.run_token
-    ).update(attempt_count=F("attempt_count") + 1, updated_at=timezone.now(), **fields)
-    if not updated:
+    if not _update_run(job, job.run_token, fields, attempt_count=F("attempt_count") + 1):
         return False
     job.attempt_count = number
+    return True
+
+
+def _update_run(job: Job, token: uuid.UUID | None, fields: dict[str, Any], **db_only: Any) -> bool:
+    """Write `fields` (and `db_only` expressions) to a running job, for the run holding
+    `token` if given, and publish. One UPDATE without a transaction of its own (outside one,
+    the publish runs at once). `fields` are set on the in-memory job too."""
+    fence = {"run_token": token} if token is not None else {}
+    updated = Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, **fence).update(
+        updated_at=timezone.now(), **fields, **db_only
+    )
+    if not updated:
+        return False
     for name, value in fields.items():
         setattr(job, name, value)
     publish_on_commit(job)

@@ -175,15 +175,32 @@ class _Exhausted(Exception):
 
 
 def reserve(job: Job, nanos: int, budgets: list[Budget]) -> Budget | None:
-    """Reserve `nanos` on every budget, all or nothing. Returns None on success, else the
-    first budget that could not take it (nothing is reserved then).
+    """Make the job's reservation `nanos` on every budget, all or nothing: what it already
+    holds there counts, only the difference is added (`top_up`). Returns None on success,
+    else the first budget that could not take it (nothing changes then).
 
     Runs in a savepoint, so call it inside the transaction that admits the job."""
     try:
         with transaction.atomic():
+            # `cost_reserved` is set and cleared with the reservations: zero, nothing held.
+            held = (
+                {
+                    r.budget_id: r
+                    for r in BudgetReservation.objects.select_for_update().filter(job=job)
+                }
+                if job.cost_reserved
+                else {}
+            )
             for budget in budgets:
-                _add_reserved(budget, nanos)
-                BudgetReservation.objects.create(budget=budget, job=job, amount_nanos=nanos)
+                current = held.get(budget.pk)
+                more = nanos - (current.amount_nanos if current else 0)
+                if more <= 0:
+                    continue
+                _add_reserved(budget, more)
+                if current:
+                    BudgetReservation.objects.filter(pk=current.pk).update(amount_nanos=nanos)
+                else:
+                    BudgetReservation.objects.create(budget=budget, job=job, amount_nanos=nanos)
             Job.objects.filter(pk=job.pk).update(cost_reserved=nanos_to_usd(nanos))
     except _Exhausted as exc:
         return exc.budget
@@ -230,27 +247,7 @@ def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
     except CannotEstimate:
         log.warning("job=%s: no price any more for its model; call not reserved", job.code)
         return None
-    try:
-        with transaction.atomic():
-            for budget in applicable:
-                held = (
-                    BudgetReservation.objects.select_for_update()
-                    .filter(budget=budget, job=job)
-                    .first()
-                )
-                more = need - (held.amount_nanos if held else 0)
-                if more <= 0:
-                    continue
-                _add_reserved(budget, more)
-                if held:
-                    BudgetReservation.objects.filter(pk=held.pk).update(amount_nanos=need)
-                else:
-                    BudgetReservation.objects.create(budget=budget, job=job, amount_nanos=need)
-            Job.objects.filter(pk=job.pk).update(cost_reserved=nanos_to_usd(need))
-    except _Exhausted as exc:
-        return exc.budget
-    job.cost_reserved = nanos_to_usd(need)
-    return None
+    return reserve(job, need, applicable)
 
 
 def reject_message(budget: Budget) -> str:
