@@ -54,6 +54,15 @@ def connection() -> redis.Redis:
         return _client[1]
 
 
+def allow_connections(client: redis.Redis, count: int) -> None:
+    """Let `client`'s pool open up to `count` connections at once. redis-py refuses the 101st
+    by default (MaxConnectionsError), which a threaded worker with 50 or more threads can
+    reach: a job thread may hold two at a time (RQ reads the job's status inside its success
+    transaction)."""
+    pool = client.connection_pool
+    pool.max_connections = max(pool.max_connections, count)
+
+
 def queue(name: str) -> rq.Queue:
     """The RQ queue `name` (high, default, low) on this process's shared client."""
     return django_rq.get_queue(name, connection=connection())

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import django_rq
 import redis
 from django.conf import settings
 from django.db import close_old_connections, connections
@@ -187,6 +186,10 @@ class ThreadPoolWorker(Worker):
         self._draining = False
         self._cold = False
         super().__init__(*args, **kwargs)
+        # Two Redis connections per job thread (jobs.queueing.allow_connections), plus the
+        # main thread's blocking pop and the monitor's beat; for RQ's client and aiqueue's.
+        for client in (self.connection, queueing.connection()):
+            queueing.allow_connections(client, 2 * self.threads + 8)
 
     # RQ keeps "the" current execution on the worker; here there is one per thread.
     @property
@@ -425,7 +428,7 @@ def build_worker(
 ) -> Worker | ThreadPoolWorker:
     """A ThreadPoolWorker with `threads` threads; the one-job-at-a-time Worker for None or 1
     (what the test suite runs in-process). `manage.py worker` passes AIQUEUE_WORKER_THREADS."""
-    queues = [django_rq.get_queue(q) for q in settings.RQ_QUEUE_NAMES]
+    queues = [queueing.queue(q) for q in settings.RQ_QUEUE_NAMES]
     if threads is None or threads <= 1:
         return Worker(queues, connection=queues[0].connection, name=name)
     return ThreadPoolWorker(queues, connection=queues[0].connection, name=name, threads=threads)

@@ -172,3 +172,19 @@ def test_sigkill_with_20_in_flight_recovers_all_and_charges_each_success_once(
         assert job.cost_actual == successes.get().cost
         reasons = list(job.events.values_list("reason", flat=True))
         assert "worker lost: heartbeat stopped" in reasons
+
+
+def test_more_threads_than_redis_py_allows_by_default_all_get_a_connection(redis_conn):
+    # redis-py refuses a 101st connection per pool (MaxConnectionsError); a job thread can
+    # hold two at once. 120 threads, each holding a connection for 1 s at the same moment:
+    # every job must run and the worker must survive.
+    from jobs.worker import ThreadPoolWorker
+
+    queue = django_rq.get_queue("default")
+    for _ in range(120):
+        queue.enqueue("tests.jobs.worker_tasks.hold_redis", 1, result_ttl=0)
+    worker = ThreadPoolWorker([queue], connection=queue.connection, threads=120)
+    worker.work(burst=True, with_scheduler=False)
+    assert int(redis_conn.get("aiqueue:test:held")) == 120
+    assert queue.failed_job_registry.count == 0
+    assert queue.count == 0

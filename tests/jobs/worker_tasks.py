@@ -13,3 +13,14 @@ def spin(seconds: float) -> str:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     return "spun"
+
+
+def hold_redis(seconds: float) -> str:
+    """Hold one of this process's Redis connections for `seconds` (a blocking pop nobody
+    answers), as a job thread does while RQ or aiqueue talks to Redis, then count itself."""
+    from jobs import queueing
+
+    client = queueing.connection()
+    client.blpop(["aiqueue:test:nothing"], timeout=seconds)
+    client.incr("aiqueue:test:held")
+    return "held"
