@@ -7,6 +7,10 @@ then ONE `manage.py worker --threads N` process runs them end to end (row, admis
 call over HTTP to the simulator at 0 ms, Attempt ledger row, events, live updates). Rate =
 jobs / (first start → last finish), from the job rows.
 
+floor: the same worker process runs the same number of jobs that only read their row, make
+the one provider call and write the answer (bench/floor.py): about the most any job with a real
+provider call can reach here. Rate as for aiqueue.
+
 raw RQ: the same number of no-op jobs (`os.getpid`) on a queue of the same Redis, run by RQ's
 SimpleWorker (burst, in this process). Rate = jobs / wall time of the burst.
 
@@ -24,6 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import floor  # noqa: E402
 from bench.common import Stack, print_table  # noqa: E402
 
 
@@ -57,6 +62,14 @@ def submit_via_api(base: str, key: str, workload: str, n: int, clients: int = 8)
     if errors:
         raise RuntimeError(f"{len(errors)} submissions failed, first: {errors[0]}")
     return time.monotonic() - started
+
+
+def run_worker(stack: Stack, pks: list[int], threads: int) -> tuple[int, float]:
+    """One `manage.py worker --threads N` runs the queued jobs `pks`; (succeeded, span s)."""
+    [worker] = stack.start_workers(1, threads=threads, args=["--no-scheduler"])
+    stack.wait_until(lambda: stack.count_status(pks, "succeeded") == len(pks), timeout=900)
+    stack.stop_process(worker)
+    return stack.run_span(pks)
 
 
 def raw_rq(redis_url: str, n: int) -> float:
@@ -95,10 +108,12 @@ def main() -> None:
         from jobs.models import Job
 
         pks = list(Job.objects.filter(workload=workload).values_list("pk", flat=True))
-        stack.start_workers(1, threads=options.threads, args=["--no-scheduler"])
-        stack.wait_until(lambda: stack.count_status(pks, "succeeded") == n, timeout=900)
-        done, span = stack.run_span(pks)
+        done, span = run_worker(stack, pks, options.threads)
         aiqueue_rate = done / span
+        floor_done, floor_span = run_worker(
+            stack, floor.enqueue(stack, workload, n), options.threads
+        )
+        floor_rate = floor_done / floor_span
         raw_s = raw_rq(stack.redis_url, n)
         raw_rate = n / raw_s
 
@@ -106,12 +121,17 @@ def main() -> None:
         ["pipeline", "jobs", "seconds", "jobs/s"],
         [
             [f"aiqueue, 1 worker process ({options.threads} threads)", done, span, aiqueue_rate],
+            ["floor: same worker, provider call only", floor_done, floor_span, floor_rate],
             ["raw RQ SimpleWorker, no-op jobs", n, raw_s, raw_rate],
         ],
         title=f"dispatch: {n} jobs, simulator at 0 ms (API submit took {submit_s:.1f} s, "
         f"{n / submit_s:.0f}/s)",
     )
-    print(f"ratio aiqueue / raw RQ = {aiqueue_rate / raw_rate:.2f} (target >= 0.5)")
+    print(
+        f"ratio aiqueue / raw RQ = {aiqueue_rate / raw_rate:.2f} (target >= 0.5); "
+        f"floor / raw RQ = {floor_rate / raw_rate:.2f}; aiqueue / floor = "
+        f"{aiqueue_rate / floor_rate:.2f}"
+    )
 
 
 if __name__ == "__main__":

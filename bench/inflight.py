@@ -7,6 +7,8 @@ The simulator answers after --latency-ms. Both sides run the same aiqueue pipeli
 (jobs.tasks.run_job: row, ledger, events) on the same Redis and SQLite database:
 
 - aiqueue: ONE `manage.py worker --threads <concurrency>` process (jobs.worker.ThreadPoolWorker);
+- floor: the same threaded process running jobs that only read their row, make the one
+  provider call and write the answer (bench/floor.py): what any job with a real call reaches;
 - stock: django-rq's `rqworker-pool --num-workers <concurrency>` (RQ's forking Worker, one job
   per process at a time).
 
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import floor  # noqa: E402
 from bench.common import PYTHON, Stack, print_table, pss_kib  # noqa: E402
 
 
@@ -50,10 +53,20 @@ class PeakPss:
 
 
 def run_side(
-    stack: Stack, workload, args: list[str], n: int, expect_workers: int, limit_s: float
+    stack: Stack,
+    workload,
+    args: list[str],
+    n: int,
+    expect_workers: int,
+    limit_s: float,
+    *,
+    enqueue=None,
 ) -> dict:
-    """Run n jobs with these workers; give up after limit_s s (what finished is counted)."""
-    pks = stack.submit_jobs(workload, n)
+    """Run n jobs with these workers; give up after limit_s s (what finished is counted).
+    The jobs are aiqueue's (submitted) unless `enqueue(stack, workload, n) -> pks` is given."""
+    pks = (enqueue or (lambda stack, workload, n: stack.submit_jobs(workload, n)))(
+        stack, workload, n
+    )
     process = stack.spawn("workers", args)
     stack.wait_until(lambda: stack.rq_workers() >= expect_workers, timeout=180, interval=0.5)
     sampler = PeakPss(process.pid)
@@ -102,6 +115,15 @@ def main() -> None:
             1,
             options.limit,
         )
+        floor_side = run_side(
+            stack,
+            workload,
+            [PYTHON, "manage.py", "worker", "--no-scheduler", "--threads", str(c)],
+            n,
+            1,
+            options.limit,
+            enqueue=floor.enqueue,
+        )
         pool = run_side(
             stack,
             workload,
@@ -115,6 +137,7 @@ def main() -> None:
     rows = []
     for name, r in (
         (f"aiqueue: 1 process x {c} threads", threaded),
+        (f"floor: 1 process x {c} threads, call only", floor_side),
         (f"stock django-rq: rqworker-pool x {c}", pool),
     ):
         rows.append(
