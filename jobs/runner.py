@@ -131,7 +131,8 @@ def _run(job: Job, token: uuid.UUID, stop: RunStop | None = None) -> None:
     if completion.confidence is None:
         completion.confidence = structured_confidence(completion.text)
     stream.close()
-    services.do_set_progress(job, stage="validating", token=token)
+    # Judging the answer takes no time (no stage of its own is shown for it); an extract
+    # repair, the one slow part, shows "repairing".
     try:
         handle_output(job, token, completion)
     except retries.RunEnded:
