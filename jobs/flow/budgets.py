@@ -270,8 +270,10 @@ def settle(job_id: int, workload_id: int, cost: Decimal) -> None:
     nanos = usd_to_nanos(cost)
     if nanos <= 0:
         return
+    budgets = list(Budget.objects.filter(Q(workload__isnull=True) | Q(workload_id=workload_id)))
+    if not budgets:
+        return  # no transaction (on SQLite a write lock) for a call no budget counts
     with transaction.atomic():
-        budgets = list(Budget.objects.filter(Q(workload__isnull=True) | Q(workload_id=workload_id)))
         for budget in budgets:
             # select_for_update serialises with release() on PostgreSQL; SQLite's IMMEDIATE
             # transactions already serialise writers.
