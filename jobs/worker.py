@@ -185,6 +185,7 @@ class ThreadPoolWorker(Worker):
         self._in_blpop = False
         self._draining = False
         self._cold = False
+        self._suspension_checked = -1.0
         super().__init__(*args, **kwargs)
         # Two Redis connections per job thread (jobs.queueing.allow_connections), plus the
         # main thread's blocking pop and the monitor's beat; for RQ's client and aiqueue's.
@@ -213,6 +214,22 @@ class ThreadPoolWorker(Worker):
             heartbeats.install(None)
 
     # --- the main thread: dequeue when a thread is free -----------------------------------
+    # RQ's loop beats for the worker twice and checks for `rq suspend` once per job it hands
+    # out: five Redis round trips on the one thread that hands out every job, which competes
+    # with the job threads for the interpreter. The worker's key lives worker_ttl + 60 s and
+    # the monitor beats every AIQUEUE_HEARTBEAT_INTERVAL s, so once a second is plenty.
+    def heartbeat(self, timeout=None, pipeline=None) -> None:
+        last = getattr(self, "last_heartbeat", None)
+        if timeout is None and pipeline is None and last and (now() - last).total_seconds() < 1:
+            return
+        super().heartbeat(timeout, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if time.monotonic() - self._suspension_checked < 1:
+            return
+        self._suspension_checked = time.monotonic()
+        super().check_for_suspension(burst)
+
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         # Threads start here, after work() forked RQ's scheduler: forking a process that
         # already runs threads can deadlock the child.

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import django_rq
 import pytest
@@ -188,3 +189,44 @@ def test_more_threads_than_redis_py_allows_by_default_all_get_a_connection(redis
     assert int(redis_conn.get("aiqueue:test:held")) == 120
     assert queue.failed_job_registry.count == 0
     assert queue.count == 0
+
+
+def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn, monkeypatch):
+    # RQ's loop beat twice per job handed out (two Redis round trips each on the thread that
+    # hands out every job); the threaded worker's key is kept alive by its monitor instead.
+    from rq.worker.base import BaseWorker
+
+    from jobs.worker import ThreadPoolWorker
+
+    beats = []
+    original = BaseWorker.heartbeat
+
+    def counted(self, timeout=None, pipeline=None):
+        if pipeline is None:
+            beats.append(timeout)
+        return original(self, timeout, pipeline)
+
+    monkeypatch.setattr(BaseWorker, "heartbeat", counted)
+    queue = django_rq.get_queue("default")
+    for _ in range(60):
+        queue.enqueue("os.getpid", result_ttl=0)
+    worker = ThreadPoolWorker([queue], connection=queue.connection, threads=4)
+    started = time.monotonic()
+    worker.work(burst=True, with_scheduler=False)
+    seconds = time.monotonic() - started
+    assert queue.count == 0
+    assert queue.failed_job_registry.count == 0
+    assert len(beats) <= seconds + 3  # was 120 for 60 jobs
+
+
+def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
+    from rq.suspension import suspend
+
+    from jobs.worker import ThreadPoolWorker
+
+    queue = django_rq.get_queue("default")
+    queue.enqueue("os.getpid", result_ttl=0)
+    suspend(redis_conn)
+    worker = ThreadPoolWorker([queue], connection=queue.connection, threads=4)
+    worker.work(burst=True, with_scheduler=False)
+    assert queue.count == 1
