@@ -75,7 +75,12 @@ class Provider(models.Model):
         return self.name
 
     def price_for(self, model: str) -> ModelPrice | None:
-        return self.prices.filter(model=model).order_by("pk").first()
+        # One price per provider and model (a unique constraint): get(), which compiles no
+        # ORDER BY as first() would.
+        try:
+            return ModelPrice.objects.get(provider=self, model=model)
+        except ModelPrice.DoesNotExist:
+            return None
 
     @property
     def read_timeout_g(self) -> str:

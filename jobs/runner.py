@@ -44,13 +44,10 @@ def execute(code: str, *, worker: str = "") -> str:
 
 
 def _execute(code: str, *, worker: str = "") -> str:
-    job = (
-        Job.objects.select_related("workload__provider", "submitted_by")
-        .filter(code=code)
-        .order_by()  # the code is unique: no ORDER BY to compile
-        .first()
-    )
-    if job is None:
+    try:
+        # get(), not first(): the code is unique, and first() would compile an ORDER BY.
+        job = Job.objects.select_related("workload__provider", "submitted_by").get(code=code)
+    except Job.DoesNotExist:
         log.warning("job=%s not found; dropping its queue entry", code)
         return "missing"
     if (
