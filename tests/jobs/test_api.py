@@ -69,11 +69,30 @@ def test_bad_token_is_401(client, workload):
     assert response.status_code == 401
 
 
+def test_a_deactivated_users_token_is_401(client, token, user, workload):
+    user.is_active = False
+    user.save()
+    response = post_job(
+        client, {"workload": workload.name, "input": "x"}, Authorization=f"Bearer {token}"
+    )
+    assert response.status_code == 401
+    assert Job.objects.count() == 0
+
+
+def test_workload_by_id(client, token, workload):
+    response = post_job(
+        client, {"workload": workload.pk, "input": "x"}, Authorization=f"Bearer {token}"
+    )
+    assert response.status_code == 202
+    assert Job.objects.get().workload == workload
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         ({"input": "x"}, "'workload' is required"),
         ({"workload": "Nope", "input": "x"}, "Unknown workload"),
+        ({"workload": 987654, "input": "x"}, "Unknown workload"),
         ({"workload": "Summaries"}, "'input' is required"),
         ({"workload": "Summaries", "input": "x", "priority": "urgent"}, "Unknown priority"),
     ],
