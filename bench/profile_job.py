@@ -1,11 +1,13 @@
 """profile_job: where one job's time goes, with the zero-latency simulator.
 
-    .venv/bin/python bench/profile_job.py [--jobs 200] [--top 40]
+    .venv/bin/python bench/profile_job.py [--jobs 200] [--top 40] [--plain [--threads N]]
 
 Submits N jobs, then runs them in THIS process with the one-job-at-a-time Worker (burst)
-under cProfile, counting SQL queries and Redis commands. Prints per-job counts and the
-functions with the most cumulative time. Not a scenario with a target: a tool for finding
-what to cut in the per-job path (see the dispatch scenario).
+under cProfile, counting SQL queries and Redis commands. Prints per-job counts, wall and CPU
+time per job, and the functions with the most cumulative time. --plain: no profiler;
+--threads N (with --plain): the ThreadPoolWorker with N threads instead (SQL is counted
+with one thread only: the wrapper is per connection). Not a scenario with a target: a tool
+for finding what to cut in the per-job path (see the dispatch scenario).
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--sort", default="cumulative")
     parser.add_argument("--plain", action="store_true", help="time without the profiler")
+    parser.add_argument("--threads", type=int, default=1, help="with --plain only")
     parser.add_argument("--sql", type=int, default=0, help="list statements (first N chars)")
     options = parser.parse_args()
+    if options.threads > 1 and not options.plain:
+        parser.error("--threads needs --plain (cProfile sees one thread)")
 
     with Stack(sim_latency_ms=0) as stack:
         stack.django()
@@ -109,18 +114,18 @@ def main() -> None:
         saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
         for owner, name, label in patches:
             setattr(owner, name, timed(label, getattr(owner, name)))
-        worker = build_worker(threads=1)
+        worker = build_worker(threads=options.threads)
         profiler = cProfile.Profile()
         redis.Redis.execute_command = count_redis
         redis.client.Pipeline.execute = count_pipe
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         with connection.execute_wrapper(count_sql):
             if not options.plain:
                 profiler.enable()
             worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
             if not options.plain:
                 profiler.disable()
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
         redis.Redis.execute_command = original
         redis.client.Pipeline.execute = original_pipe
         for owner, name, fn in saved:
@@ -128,15 +133,18 @@ def main() -> None:
 
         done = stack.count_status(pks, "succeeded")
         n = options.jobs
+        how = "without the profiler" if options.plain else "under the profiler"
         print(
-            f"{done}/{n} succeeded in {elapsed:.2f} s under the profiler "
-            f"({elapsed / n * 1000:.1f} ms/job)"
+            f"{done}/{n} succeeded in {elapsed:.2f} s {how}, {options.threads} thread(s): "
+            f"{elapsed / n * 1000:.1f} ms/job wall, {cpu / n * 1000:.1f} ms/job CPU "
+            f"({n / elapsed:.1f} jobs/s)"
         )
-        print(
-            "SQL per job:",
-            {k: round(v / n, 2) for k, v in sql.most_common()},
-            f"total {sum(sql.values()) / n:.1f}",
-        )
+        if options.threads == 1:
+            print(
+                "SQL per job:",
+                {k: round(v / n, 2) for k, v in sql.most_common()},
+                f"total {sum(sql.values()) / n:.1f}",
+            )
         print(
             "Redis per job:",
             {k: round(v / n, 2) for k, v in commands.most_common()},
