@@ -69,6 +69,25 @@ def test_one_worker_process_runs_jobs_concurrently(redis_conn, workload, user, s
     assert simulator.counters()["requests_total"] == 2
 
 
+def test_django_rqs_rqworker_runs_the_threaded_worker_class(
+    redis_conn, workload, user, simulator, tmp_path
+):
+    simulator.control(latency_ms=1500)
+    jobs = submit_many(workload, user, 3)
+    worker = spawn(
+        [sys.executable, "manage.py", "rqworker", "high", "default", "low",
+         "--worker-class", "jobs.worker.ThreadPoolWorker", "--burst"],
+        tmp_path,
+        {**worker_env(heartbeat=1, stale_after=3), "AIQUEUE_WORKER_THREADS": "4"},
+    )  # fmt: skip
+    try:
+        assert worker.wait(timeout=60) == 0  # burst: returns once the jobs in flight are done
+    finally:
+        stop(worker)
+    assert statuses(jobs) == ["succeeded"] * 3
+    assert simulator.counters()["peak_in_flight"] == 3  # in one process, at once
+
+
 def test_job_timeout_kills_only_that_job(redis_conn, workload, user, simulator, tmp_path):
     simulator.control(latency_ms=2000)
     queue = django_rq.get_queue("default")
