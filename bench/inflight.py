@@ -64,9 +64,7 @@ def run_side(
 ) -> dict:
     """Run n jobs with these workers; give up after limit_s s (what finished is counted).
     The jobs are aiqueue's (submitted) unless `enqueue(stack, workload, n) -> pks` is given."""
-    pks = (enqueue or (lambda stack, workload, n: stack.submit_jobs(workload, n)))(
-        stack, workload, n
-    )
+    pks = stack.submit_jobs(workload, n) if enqueue is None else enqueue(stack, workload, n)
     process = stack.spawn("workers", args)
     stack.wait_until(lambda: stack.rq_workers() >= expect_workers, timeout=180, interval=0.5)
     sampler = PeakPss(process.pid)
