@@ -181,11 +181,14 @@ def _job_for_render(job_pk: int, like: Job | None = None) -> Job | None:
     ]
     joined = [name for name in RENDER_RELATED if name not in reuse]
     if joined:
-        job = Job.objects.select_related(*joined).filter(pk=job_pk).order_by().first()
+        try:
+            job = Job.objects.select_related(*joined).get(pk=job_pk)  # first() adds ORDER BY
+        except Job.DoesNotExist:
+            return None
     else:
         job = next(iter(Job.objects.raw(_JOB_SQL, [job_pk])), None)
-    if job is None:
-        return None
+        if job is None:
+            return None
     for name in reuse:
         setattr(job, name, getattr(like, name))
     return job

@@ -85,8 +85,8 @@ def do_resume_workload(workload: Workload, *, actor: AbstractBaseUser) -> bool:
 
 
 def do_reset_breaker(provider: Provider, *, actor: AbstractBaseUser) -> str:
-    """Close the provider's circuit breaker by hand, and send the jobs parked on it back to
-    their queues now rather than at their resume times. Returns the state it was in."""
+    """Close the provider's circuit breaker by hand (`reset_breaker`), for an operator, with
+    an audit entry. Returns the state it was in."""
     try:
         previous, woken = reset_breaker(provider, by=actor.get_username())
     except Exception as exc:  # noqa: BLE001 - Redis down: tell the operator, change nothing

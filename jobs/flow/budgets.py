@@ -161,8 +161,9 @@ def roll_periods(now: datetime | None = None) -> list[int]:
 # --- reserve, settle, release ---------------------------------------------------------------
 
 
-def budgets_for(workload: Workload) -> list[Budget]:
-    """The budgets a job of this workload counts against: every global one, and its own."""
+def budgets_for(workload: Workload | int) -> list[Budget]:
+    """The budgets a job of this workload (or workload id) counts against: every global one,
+    and its own."""
     # In creation order: the default ordering (by workload name) would join jobs_workload.
     return list(
         Budget.objects.filter(Q(workload__isnull=True) | Q(workload=workload)).order_by("pk")
@@ -270,7 +271,7 @@ def settle(job_id: int, workload_id: int, cost: Decimal) -> None:
     nanos = usd_to_nanos(cost)
     if nanos <= 0:
         return
-    budgets = list(Budget.objects.filter(Q(workload__isnull=True) | Q(workload_id=workload_id)))
+    budgets = budgets_for(workload_id)
     if not budgets:
         return  # no transaction (on SQLite a write lock) for a call no budget counts
     with transaction.atomic():
