@@ -14,6 +14,9 @@ provider call can reach here. Rate as for aiqueue.
 raw RQ: the same number of no-op jobs (`os.getpid`) on a queue of the same Redis, run by RQ's
 SimpleWorker (burst, in this process). Rate = jobs / wall time of the burst.
 
+worker only: the same no-op jobs run by aiqueue's ThreadPoolWorker with the same threads (burst,
+in this process), timed as raw RQ: what the concurrent worker itself costs, without any job work.
+
 Target: aiqueue ≥ 0.5× raw RQ per worker process. --quick: 300 jobs.
 """
 
@@ -72,20 +75,27 @@ def run_worker(stack: Stack, pks: list[int], threads: int) -> tuple[int, float]:
     return stack.run_span(pks)
 
 
-def raw_rq(redis_url: str, n: int) -> float:
+def noop_burst(redis_url: str, n: int, threads: int | None = None) -> float:
+    """Seconds for a burst worker in this process to run n no-op jobs: RQ's SimpleWorker, or
+    with `threads`, aiqueue's ThreadPoolWorker."""
     import redis
     from rq import Queue
     from rq.worker import SimpleWorker
 
+    from jobs.worker import ThreadPoolWorker
+
     connection = redis.Redis.from_url(redis_url)
-    queue = Queue("bench-raw", connection=connection)
+    queue = Queue(f"bench-noop-{threads or 'simple'}", connection=connection)
     with connection.pipeline() as pipe:
         for _ in range(n):
             queue.enqueue("os.getpid", result_ttl=0, pipeline=pipe)
         pipe.execute()
-    worker = SimpleWorker([queue], connection=connection)
+    if threads is None:
+        worker = SimpleWorker([queue], connection=connection)
+    else:
+        worker = ThreadPoolWorker([queue], connection=connection, threads=threads)
     started = time.monotonic()
-    worker.work(burst=True, logging_level="WARNING")
+    worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
     elapsed = time.monotonic() - started
     assert queue.count == 0
     return elapsed
@@ -114,14 +124,16 @@ def main() -> None:
             stack, floor.enqueue(stack, workload, n), options.threads
         )
         floor_rate = floor_done / floor_span
-        raw_s = raw_rq(stack.redis_url, n)
+        raw_s = noop_burst(stack.redis_url, n)
         raw_rate = n / raw_s
+        noop_s = noop_burst(stack.redis_url, n, threads=options.threads)
 
     print_table(
         ["pipeline", "jobs", "seconds", "jobs/s"],
         [
             [f"aiqueue, 1 worker process ({options.threads} threads)", done, span, aiqueue_rate],
             ["floor: same worker, provider call only", floor_done, floor_span, floor_rate],
+            ["worker only: same worker, no-op jobs", n, noop_s, n / noop_s],
             ["raw RQ SimpleWorker, no-op jobs", n, raw_s, raw_rate],
         ],
         title=f"dispatch: {n} jobs, simulator at 0 ms (API submit took {submit_s:.1f} s, "
@@ -130,7 +142,7 @@ def main() -> None:
     print(
         f"ratio aiqueue / raw RQ = {aiqueue_rate / raw_rate:.2f} (target >= 0.5); "
         f"floor / raw RQ = {floor_rate / raw_rate:.2f}; aiqueue / floor = "
-        f"{aiqueue_rate / floor_rate:.2f}"
+        f"{aiqueue_rate / floor_rate:.2f}; worker only / raw RQ = {n / noop_s / raw_rate:.2f}"
     )
 
 
