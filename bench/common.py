@@ -232,15 +232,18 @@ class Stack:
         settings_module: str | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        app: str = "aiqueue.asgi:application",
+        interface: str = "auto",
     ) -> str:
-        """uvicorn serving aiqueue.asgi; returns its base URL once it accepts connections."""
+        """uvicorn serving `app` (aiqueue.asgi by default; interface "wsgi" for a WSGI app, run
+        by uvicorn in its pool of 10 threads); returns its base URL once it accepts connections."""
         port = port or free_port()
         extra = dict(env or {})
         if settings_module:
             extra["DJANGO_SETTINGS_MODULE"] = settings_module
         self.spawn(
             "web",
-            [PYTHON, "-m", "uvicorn", "aiqueue.asgi:application", "--host", "127.0.0.1",
+            [PYTHON, "-m", "uvicorn", app, "--interface", interface, "--host", "127.0.0.1",
              "--port", str(port), "--workers", str(workers), "--no-access-log",
              "--timeout-graceful-shutdown", "5"],
             env=extra,
