@@ -298,6 +298,8 @@ def test_anthropic_extraction_reads_the_schema_from_the_system_prompt(
         f"else:\n{json.dumps(SCHEMA)}"
     )
     response = client.post("/v1/messages", json=anthropic("Extract: Jo from Lyon", system))
+    assert response.status_code == 200
+    # Raises (and fails the test) unless the answer is JSON that follows the schema.
     jsonschema.validate(json.loads(response.json()["content"][0]["text"]), SCHEMA)
 
 
