@@ -1,13 +1,15 @@
 """What the dashboard page shows: the context for its full render and for each live region.
 
-The page (templates/jobs/dashboard.html) has two live regions:
+The page (templates/jobs/dashboard.html) has three live regions:
 
 - ``job-counters``: jobs by status, pushed over the websocket by jobs.live on every job change
   (issue #5's mechanism) and re-fetched when the socket (re)connects;
 - ``dashboard-live``: the workload health panel (operators only). It is heavier (a few dozen
   aggregate queries), so it is not pushed from workers on every change: the page re-fetches it
   when a websocket update arrives (throttled to one fetch per 2 s per viewer) and every 5 s
-  regardless, so breaker and capacity changes that move no job still show up.
+  regardless, so breaker and capacity changes that move no job still show up;
+- ``recent-jobs``: the viewer's ten newest jobs, one query, re-fetched like the health panel
+  (every 10 s rather than 5), so a job submitted elsewhere appears and statuses move.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from jobs import charts, operator, stats
 from jobs.live import status_counts
 from jobs.models import Job, Workload
 
-PARTS = ("job-counters", "dashboard-live")
+PARTS = ("job-counters", "dashboard-live", "recent-jobs")
 SPANS = {"hour": ("Last hour", "%H:%M"), "day": ("Last day", "%H:%M")}
 
 
@@ -67,8 +69,9 @@ def context(request: HttpRequest, part: str | None = None) -> dict[str, Any]:
         jobs = visible_jobs(user)
         counts = dict(jobs.order_by().values_list("status").annotate(n=Count("id")))
         data["counts"] = status_counts(counts)
-    if part is None:
+    if part in (None, "recent-jobs"):
         data["recent"] = visible_jobs(user)[:10]
+    if part is None:
         data["workloads"] = Workload.objects.select_related("provider")
     if part in (None, "dashboard-live") and data["show_health"]:
         data.update(health_context(request))

@@ -137,3 +137,20 @@ def test_outage_rehearsed_from_the_dashboard_is_absorbed_live(
     assert page.evaluate("window.__sameLoad") is True
     expect(page.locator("#health-running .value")).to_have_text("0", timeout=60_000)
     assert Job.objects.filter(status=Job.Status.SUCCEEDED).count() == 16
+    # The jobs submitted after the page loaded are listed, with their final status.
+    recent = page.locator("#recent-jobs tbody tr")
+    expect(recent).to_have_count(10, timeout=15_000)
+    expect(recent.filter(has_text="Succeeded")).to_have_count(10, timeout=15_000)
+    assert page.evaluate("window.__sameLoad") is True
+
+    # With real figures in it, the workloads table fits a laptop's screen: the operator's
+    # controls are in view without scrolling sideways.
+    page.set_viewport_size({"width": 1280, "height": 900})
+    scroll_width, visible_width = page.evaluate(
+        "() => { const box = document.querySelector('#workload-health').parentElement;"
+        " return [box.scrollWidth, box.clientWidth]; }"
+    )
+    assert scroll_width <= visible_width
+    pause = page.locator(f"#workload-{workload.pk} button:has-text('Pause')").bounding_box()
+    table = page.locator("#workload-health").locator("xpath=..").bounding_box()
+    assert pause["x"] + pause["width"] <= table["x"] + table["width"]

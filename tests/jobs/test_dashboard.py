@@ -58,6 +58,28 @@ def test_counters_refresh_still_renders_only_the_counters(client, viewer, notes)
     assert "dashboard-live" not in html
 
 
+def test_recent_jobs_refresh_shows_new_jobs_and_only_the_viewers_own(
+    user_client, user, other_user, notes
+):
+    def refresh() -> str:
+        response = user_client.get("/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="recent-jobs")
+        assert response.status_code == 200
+        return response.content.decode()
+
+    html = refresh()
+    assert html.lstrip().startswith('<section class="card" id="recent-jobs"')
+    assert "No jobs yet" in html
+    assert 'id="job-counters"' not in html
+
+    # Jobs that arrive after the page was loaded show up on the next refresh.
+    mine = Job.objects.create(workload=notes, input_text="x", submitted_by=user)
+    theirs = Job.objects.create(workload=notes, input_text="y", submitted_by=other_user)
+    html = refresh()
+    assert "No jobs yet" not in html
+    assert str(mine.code)[:8] in html
+    assert str(theirs.code)[:8] not in html
+
+
 def test_health_panel_refresh_is_refused_to_plain_users(user_client, notes):
     response = user_client.get("/", HTTP_HX_REQUEST="true", HTTP_HX_TARGET="dashboard-live")
     assert response.status_code == 403
