@@ -4,6 +4,11 @@ from django.urls import include, path
 
 from jobs import api, health, metrics, views
 
+# The admin is where operators set workloads, providers, budgets and limits: name it as such.
+admin.site.site_header = "aiqueue administration"
+admin.site.site_title = "aiqueue admin"
+admin.site.index_title = "Workloads, providers, budgets and users"
+
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("jobs/", include("jobs.urls")),

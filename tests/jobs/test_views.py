@@ -148,3 +148,9 @@ def test_pages_send_a_strict_content_security_policy(user_client, db):
     csp = user_client.get("/").headers["Content-Security-Policy"]
     assert "script-src 'self'" in csp
     assert "unsafe-inline" not in csp
+
+
+def test_the_admin_is_named_for_aiqueue(admin_client):
+    html = admin_client.get("/admin/").content.decode()
+    assert "aiqueue administration" in html
+    assert "Workloads, providers, budgets and users" in html
