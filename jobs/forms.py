@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import re
+
 from django import forms
+from django.db.models import Q
 
 from jobs.models import Job, Priority, Workload
 from jobs.services import MAX_INPUT_CHARS
@@ -111,8 +114,29 @@ class SubmitJobForm(forms.Form):
         return cleaned
 
 
+# What a job's code looks like as people copy it: the first hex digits shown in lists, or whole.
+CODE_PREFIX = re.compile(r"[0-9a-f][0-9a-f-]{3,35}", re.IGNORECASE)
+
+
 class JobFilterForm(forms.Form):
+    q = forms.CharField(
+        required=False,
+        max_length=200,
+        widget=forms.TextInput(
+            attrs={"type": "search", "placeholder": "Code or input text", "aria-label": "Search"}
+        ),
+    )
     status = forms.ChoiceField(choices=[("", "Any status"), *Job.Status.choices], required=False)
     workload = forms.ModelChoiceField(
         queryset=Workload.objects.all(), required=False, empty_label="Any workload"
     )
+
+    def search(self) -> Q | None:
+        """Jobs whose input contains the search text, or whose code starts with it."""
+        text = self.cleaned_data.get("q")
+        if not text:
+            return None
+        match = Q(input_text__icontains=text)
+        if CODE_PREFIX.fullmatch(text):
+            match |= Q(code__istartswith=text)
+        return match

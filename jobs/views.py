@@ -50,6 +50,8 @@ def job_list(request: HttpRequest) -> HttpResponse:
     form = JobFilterForm(request.GET or None)
     jobs = visible_jobs(request.user)
     if form.is_valid():
+        if (search := form.search()) is not None:
+            jobs = jobs.filter(search)
         if form.cleaned_data["status"]:
             jobs = jobs.filter(status=form.cleaned_data["status"])
         if form.cleaned_data["workload"]:

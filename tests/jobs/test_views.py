@@ -107,7 +107,34 @@ def test_list_htmx_request_renders_only_the_table(user_client, workload, user):
 
 
 def test_empty_list_says_so(user_client, db):
-    assert "No jobs match" in user_client.get(reverse("jobs:list")).content.decode()
+    body = user_client.get(reverse("jobs:list")).content.decode()
+    assert "No jobs yet" in body
+    assert "No jobs match" not in body
+    filtered = user_client.get(reverse("jobs:list"), {"status": "failed"}).content.decode()
+    assert "No jobs match these filters" in filtered
+
+
+def listed(client, **params) -> list[int]:
+    return [job.pk for job in client.get(reverse("jobs:list"), params).context["page"]]
+
+
+def test_list_search_finds_input_text_and_codes(user_client, workload, user, other_user):
+    invoice = make_job(workload, user, "Invoice 1042 from ACME is overdue")
+    notes = make_job(workload, user, "Standup notes: deploy on Friday")
+    make_job(workload, other_user, "Invoice from a customer of someone else")
+
+    assert listed(user_client, q="acme") == [invoice.pk]  # any case, anywhere in the input
+    assert listed(user_client, q="invoice") == [invoice.pk]  # never another user's job
+    code = str(notes.code)
+    assert listed(user_client, q=code[:8]) == [notes.pk]  # as the list shows it
+    assert listed(user_client, q=code.upper()) == [notes.pk]  # pasted whole
+    assert listed(user_client, q=code) == [notes.pk]
+    assert listed(user_client, q="nothing like this") == []
+    body = user_client.get(reverse("jobs:list"), {"q": "nothing like this"}).content.decode()
+    assert "No jobs match these filters" in body
+    # Search and filters combine.
+    Job.objects.filter(pk=notes.pk).update(status="succeeded")
+    assert listed(user_client, q=code[:8], status="queued") == []
 
 
 def test_cancel_from_job_page(user_client, workload, user):
