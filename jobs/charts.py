@@ -24,6 +24,7 @@ class Line:
     css_class: str
     points: str  # "x,y x,y …" in the chart's viewBox; None values break nothing, they are skipped
     last: str  # the latest value, formatted
+    dot: bool = False  # one point only: drawn as a dot (a polyline of one point shows nothing)
 
 
 @dataclass
@@ -74,12 +75,16 @@ def line_chart(
             y = PAD_TOP + plot_h * (1 - value / top)
             coords.append(f"{x:.1f},{y:.1f}")
         latest = next((v for v in reversed(values) if v is not None), None)
+        dot = len(coords) == 1
+        if dot:
+            coords.append(coords[0])  # a zero-length segment: its round caps draw the dot
         built.append(
             Line(
                 label=label,
                 css_class=css_class,
                 points=" ".join(coords),
                 last="–" if latest is None else _fmt(latest, unit),
+                dot=dot,
             )
         )
     return Chart(
