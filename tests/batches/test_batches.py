@@ -6,6 +6,7 @@ import csv
 import io
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from batches import services
@@ -206,3 +207,62 @@ def test_document_workloads_cannot_take_batches(redis_conn, provider, user):
     )
     with pytest.raises(services.BatchError):
         make_batch(workload, user, REVIEWS)
+
+
+def messages_of(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]]
+
+
+def test_the_batch_page_controls_map_start_pause_resume_and_cancel(
+    redis_conn, sentiment, user, user_client
+):
+    rows = [["product", "comment"]] + [[f"Item {i}", "Fine"] for i in range(6)]
+    batch = make_batch(sentiment, user, rows)
+    Batch.objects.filter(pk=batch.pk).update(max_in_flight=2)
+    url = batch.get_absolute_url()
+
+    def post(action: str, data: dict | None = None):
+        response = user_client.post(f"/batches/{batch.code}/{action}/", data or {}, follow=True)
+        assert response.redirect_chain == [(url, 302)]
+        batch.refresh_from_db()
+        return response
+
+    # Starting before the missing column is mapped is refused with the reason; nothing queued.
+    response = post("start")
+    assert any("'review' has no column" in m for m in messages_of(response))
+    assert batch.status == "draft"
+    assert queued_ids() == []
+
+    post("mapping", {"field_product": "product", "field_review": "comment"})
+    assert BatchRow.objects.filter(batch=batch).first().input_data["review"] == "Fine"
+
+    response = post("start")
+    assert "Batch started: the first 2 row(s) are queued." in messages_of(response)
+    assert len(queued_ids()) == 2
+
+    response = post("pause")
+    assert batch.status == "paused"
+    assert any(m.startswith("Batch paused") for m in messages_of(response))
+    response = post("resume")
+    assert batch.status == "running"
+    assert "Batch resumed." in messages_of(response)
+
+    response = post("cancel")
+    assert batch.status == "cancelled"
+    assert "Batch cancelled (2 job(s) in flight cancelled)." in messages_of(response)
+    assert set(Job.objects.filter(batch=batch).values_list("status", flat=True)) == {"cancelled"}
+    response = post("cancel")  # a second click says so and changes nothing
+    assert "The batch is cancelled." in messages_of(response)
+
+
+def test_only_the_owner_or_a_job_operator_may_change_a_batch(
+    redis_conn, sentiment, user, other_user, client
+):
+    batch = make_batch(sentiment, user, REVIEWS)
+    # Seeing every job is not enough to change someone else's batch.
+    other_user.user_permissions.add(Permission.objects.get(codename="view_job"))
+    client.force_login(other_user)
+    assert client.get(batch.get_absolute_url()).status_code == 200
+    assert client.post(f"/batches/{batch.code}/start/").status_code == 403
+    batch.refresh_from_db()
+    assert batch.status == "draft"
