@@ -1,0 +1,67 @@
+"""The threaded worker's shared heartbeat (jobs.heartbeats.RunHeartbeats), in-process: one
+UPDATE for every run in flight, and each run told whether to go on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.utils import timezone
+
+from jobs import services
+from jobs.heartbeats import LOST, RunHeartbeats
+from jobs.models import Job
+
+
+def started(workload, user, **fields) -> tuple[Job, object]:
+    job = services.do_submit_job(workload=workload, input_text="notes", user=user)[0]
+    if fields:
+        Job.objects.filter(pk=job.pk).update(**fields)
+        job.refresh_from_db()
+    token = services.do_start_run(job)
+    assert token is not None
+    return job, token
+
+
+def test_a_beat_refreshes_the_running_and_tells_the_others_to_stop(workload, user):
+    long_ago = timezone.now() - timedelta(minutes=5)
+    running, running_token = started(workload, user)
+    cancelled, cancelled_token = started(workload, user)
+    late, late_token = started(workload, user, deadline=timezone.now() + timedelta(seconds=30))
+    Job.objects.filter(pk__in=[running.pk, cancelled.pk, late.pk]).update(heartbeat_at=long_ago)
+    assert services.do_cancel_job(cancelled, actor=user)
+    Job.objects.filter(pk=late.pk).update(deadline=timezone.now() - timedelta(seconds=1))
+
+    calls: list[tuple[str, str]] = []
+    beats = RunHeartbeats()
+    beats.add(running.pk, running_token, lambda: calls.append(("beat", "running")))
+    beats.add(cancelled.pk, cancelled_token, None, lambda why: calls.append(("lost", why)))
+    beats.add(late.pk, late_token, None, lambda why: calls.append(("lost", why)))
+
+    assert beats.beat() == 1  # one row refreshed: the only run still its job's
+    assert sorted(calls) == [("beat", "running"), ("lost", LOST), ("lost", LOST)]
+    running.refresh_from_db()
+    assert running.heartbeat_at > long_ago
+    cancelled.refresh_from_db()
+    assert cancelled.heartbeat_at == long_ago
+    late.refresh_from_db()
+    assert late.status == Job.Status.EXPIRED  # the beat expired the run past its deadline
+
+
+def test_a_failing_callback_does_not_stop_the_other_runs_beats(workload, user):
+    first, first_token = started(workload, user)
+    second, second_token = started(workload, user)
+    called = []
+
+    def broken() -> None:
+        raise RuntimeError("lease renewal failed")
+
+    beats = RunHeartbeats()
+    beats.add(first.pk, first_token, broken)
+    beats.add(second.pk, second_token, lambda: called.append(second.pk))
+    assert beats.beat() == 2
+    assert called == [second.pk]
+
+    beats.remove(first_token)
+    beats.remove(second_token)
+    assert beats.snapshot() == {}
+    assert beats.beat() == 0
