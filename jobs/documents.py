@@ -16,9 +16,10 @@ job already has):
    creates one child Job per chunk (``parent``, ``chunk_index``), enqueued on commit. The
    parent then parks (``waiting``) without holding a worker. Each chunk is an ordinary job:
    its own retries, budget reservation, review escalation and Attempt rows (the cost ledger).
-3. **Progress.** Each settled chunk updates the parent's progress ("3 / 8 chunks") and, when
-   it is the last one, wakes the parent (``do_resume_job``). The parent also wakes itself every
-   CHECK_INTERVAL_S as a safety net, should that wake-up be lost.
+3. **Progress.** Each settled chunk (its run ended, or a reviewer approved, corrected or
+   rejected it) updates the parent's progress ("3 / 8 chunks") and, when it is the last one,
+   wakes the parent (``do_resume_job``). The parent also wakes itself every CHECK_INTERVAL_S
+   as a safety net, should that wake-up be lost.
 4. **Reduce.** When every chunk has succeeded, the parent's run makes one call over the chunk
    results (``workload.reduce_prompt``) and finishes like a summarize job (jobs.kinds).
    A one-chunk document skips the reduce call: the chunk's answer is the result.
@@ -53,8 +54,8 @@ from jobs.models import Job, JobEvent, Workload
 
 log = logging.getLogger(__name__)
 
-# The document's safety-net wake-up while it waits for its chunks (a chunk resolved in the
-# review inbox does not wake it; this does).
+# The document's safety-net wake-up while it waits for its chunks, should a chunk's wake-up
+# be lost (a process dying between the chunk's commit and the wake-up).
 CHECK_INTERVAL_S = 120
 TYPES = {"pdf": "PDF", "docx": "Word (.docx)", "txt": "plain text", "md": "Markdown"}
 BAD_CHUNK_STATUSES = frozenset({Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.EXPIRED})
@@ -433,7 +434,8 @@ def _fail_on_bad_chunks(job: Job, token: uuid.UUID, counts: dict[str, int]) -> N
 
 
 def on_chunk_settled(chunk: Job) -> None:
-    """A chunk's run ended: update the document's progress; wake it when no chunk is open."""
+    """A chunk settled (its run ended, or review resolved it): update the document's
+    progress; wake it when no chunk is open."""
     parent = Job.objects.select_related("workload").filter(pk=chunk.parent_id).first()
     if parent is None:
         return

@@ -371,7 +371,8 @@ def _escalate(
 
 
 def after_run(job: Job) -> None:
-    """A run ended (finished, escalated or failed): let the job's document and batch move on."""
+    """A run ended (finished, escalated or failed), or review settled the job: let the job's
+    document and batch move on."""
     if job.parent_id is not None:
         from jobs import documents
 

@@ -74,13 +74,23 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, ProviderError) and exc.retryable
 
 
+# Where a person decided to try a job again, so its attempts count afresh: sent back to the
+# queue from review, or a chunk that had ended re-queued by its document's retry (jobs.documents).
+TRIED_AGAIN_FROM = (
+    Job.Status.NEEDS_REVIEW,
+    Job.Status.FAILED,
+    Job.Status.CANCELLED,
+    Job.Status.EXPIRED,
+)
+
+
 def attempts_used(job: Job) -> int:
-    """Calls made for the job since it was last submitted or sent back by a reviewer."""
+    """Calls made for the job since it was submitted, or last tried again (TRIED_AGAIN_FROM)."""
     if not job.attempt_count:
         return 0  # never called: nothing to count (the usual case, without a query)
     attempts = job.attempts.all()
     sent_back = (
-        job.events.filter(from_status=Job.Status.NEEDS_REVIEW, to_status=Job.Status.QUEUED)
+        job.events.filter(from_status__in=TRIED_AGAIN_FROM, to_status=Job.Status.QUEUED)
         .order_by("-created_at")
         .values_list("created_at", flat=True)
         .first()

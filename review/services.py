@@ -197,6 +197,12 @@ def _resolve(
         )
         if not won:
             raise ReviewError("The job is no longer waiting for review.")
+        if to_status != Job.Status.QUEUED:
+            # Settled here rather than by a run: its document or batch moves on now, as after
+            # a run, instead of at its next periodic check (up to 2 minutes for a document).
+            from jobs import kinds
+
+            transaction.on_commit(lambda: kinds.after_run(job))
     item.status, item.resolution, item.resolved_by, item.resolved_at = (
         ReviewItem.Status.RESOLVED,
         resolution,

@@ -12,6 +12,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from batches import services
 from batches.models import Batch, BatchRow
 from jobs.models import Job, Workload
+from review import services as review_services
+from review.models import ReviewItem
 from tests.conftest import queued_ids
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -266,3 +268,24 @@ def test_only_the_owner_or_a_job_operator_may_change_a_batch(
     assert client.post(f"/batches/{batch.code}/start/").status_code == 403
     batch.refresh_from_db()
     assert batch.status == "draft"
+
+
+def test_a_row_resolved_in_review_completes_the_batch_at_once(
+    redis_conn, sentiment, user, run_worker
+):
+    Workload.objects.filter(pk=sentiment.pk).update(confidence_threshold=0.5)
+    rows = [["product", "review"], ["Kettle", "Fine"], ["Lamp", "Unsure [[low-confidence]]"]]
+    batch = make_batch(sentiment, user, rows)
+    services.do_start_batch(batch)
+    run_worker()
+    batch.refresh_from_db()
+    assert batch.status == "running"  # a row is still with a reviewer
+
+    item = ReviewItem.objects.get(job__batch=batch)
+    review_services.do_claim(item, user)
+    review_services.do_approve(item, user)
+
+    # Not at the reconciler's next pass: the approval itself settles the batch.
+    batch.refresh_from_db()
+    assert batch.status == "completed"
+    assert services.progress(batch).done == 2

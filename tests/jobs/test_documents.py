@@ -206,3 +206,67 @@ def test_document_upload_form_shows_why_a_file_is_refused(redis_conn, digest, us
     assert response.status_code == 200
     assert "its content is plain text" in response.content.decode()
     assert Job.objects.count() == 0
+
+
+def test_rejected_chunk_sends_the_document_to_review_and_its_retry_reruns_only_that_chunk(
+    redis_conn, digest, user, run_worker, simulator
+):
+    paragraphs = [f"Clause {i}: the seller insures the cargo. " * 3 for i in range(4)]
+    digest.max_attempts = 1
+    digest.save()
+    simulator.control(script=[400])  # the first chunk's call fails for good
+    job = submit_document(digest, user, paragraphs)
+    run_worker()
+    [failed] = [c for c in job.children.all() if c.status != "succeeded"]
+    chunk_count = job.children.count()
+
+    # A reviewer rejects the chunk: the document cannot be whole, so it goes to review itself,
+    # naming the chunk, instead of waiting forever or reducing without it.
+    chunk_item = ReviewItem.objects.get(job=failed)
+    review_services.do_claim(chunk_item, user)
+    review_services.do_reject(chunk_item, user, reason="garbled scan")
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "needs_review"
+    assert (
+        f"1 of {chunk_count} chunks did not succeed (chunk {failed.chunk_index + 1})" in job.error
+    )
+    assert job.error_class == "chunk_failed"
+    calls_before = simulator.counters()["requests_total"]
+
+    # Retrying the document re-queues exactly the rejected chunk, then reduces.
+    document_item = ReviewItem.objects.get(job=job, status=ReviewItem.Status.OPEN)
+    review_services.do_claim(document_item, user)
+    review_services.do_retry(document_item, user)
+    run_worker()
+
+    job.refresh_from_db()
+    failed.refresh_from_db()
+    assert job.status == "succeeded"
+    assert failed.status == "succeeded"
+    assert simulator.counters()["requests_total"] == calls_before + 2  # the chunk, the reduce
+    others = job.children.exclude(pk=failed.pk)
+    assert all(chunk.attempts.count() == 1 for chunk in others)
+
+
+def test_a_chunk_corrected_in_review_lets_the_document_finish_at_once(
+    redis_conn, digest, user, run_worker, simulator
+):
+    paragraphs = [f"Clause {i}: the buyer inspects the goods. " * 3 for i in range(4)]
+    digest.max_attempts = 1
+    digest.save()
+    simulator.control(script=[400])
+    job = submit_document(digest, user, paragraphs)
+    run_worker()
+    [failed] = [c for c in job.children.all() if c.status != "succeeded"]
+
+    # The reviewer writes the chunk's summary by hand: the document reduces now, not at its
+    # next periodic check (CHECK_INTERVAL_S).
+    item = ReviewItem.objects.get(job=failed)
+    review_services.do_claim(item, user)
+    review_services.do_correct(item, user, corrected_output="The buyer inspects the goods.")
+    run_worker()
+
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    assert "Part 1:\nThe buyer inspects the goods." in documents.combined_chunk_outputs(job)
