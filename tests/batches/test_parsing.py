@@ -81,3 +81,27 @@ def test_jsonl_rows_with_bad_lines_reported():
 def test_upload_format_is_chosen_by_file_name():
     assert parse_upload("rows.jsonl", b'{"a": "1"}\n', max_rows=10).file_format == "jsonl"
     assert parse_upload("rows.csv", b"a\n1\n", max_rows=10).file_format == "csv"
+
+
+def test_duplicate_and_blank_column_names_are_made_unique():
+    parsed = parse_csv(b"text,text,,text\na,b,c,d\n", max_rows=10)
+    assert parsed.columns == ["text", "text_2", "column_3", "text_3"]
+    assert parsed.rows[0].data == {"text": "a", "text_2": "b", "column_3": "c", "text_3": "d"}
+
+
+def test_jsonl_bad_bytes_and_too_many_lines_are_reported():
+    data = b'{"text": "a"}\n{"text": "caf\xe9"}\n' + b"".join(
+        b'{"text": "%d"}\n' % i for i in range(5)
+    )
+    parsed = parse_jsonl(data, max_rows=4)
+    assert len(parsed.rows) == 4
+    assert parsed.rows[1].error == "not valid UTF-8 (byte 0xe9)"
+    assert "more than 4 rows" in parsed.errors[0]
+
+
+def test_a_csv_the_reader_chokes_on_keeps_the_rows_read_before():
+    # A quoted field longer than the csv module's limit stops the reader mid-file.
+    data = b'text\nfirst\n"' + b"x" * 200_000 + b'"\nlast\n'
+    parsed = parse_csv(data, max_rows=10)
+    assert [r.data["text"] for r in parsed.rows] == ["first"]
+    assert parsed.errors[0].startswith("Reading stopped at line")
