@@ -29,7 +29,8 @@ job already has):
    sends the document to review naming the chunks; a reviewer's retry of the document then
    re-queues exactly those chunks and waits for them; chunks that succeeded are never re-run.
 6. **Cost.** Every call is an Attempt on the job that made it; ``document_cost`` sums the
-   parent's own (reduce) cost and its chunks'.
+   parent's own (reduce) cost and its chunks'. Cancelling the document cancels the chunks that
+   have not finished (jobs.services.do_cancel_job), so they make no more calls.
 """
 
 from __future__ import annotations

@@ -404,7 +404,8 @@ def do_hold_run(job: Job, token: uuid.UUID, *, reason: str) -> bool:
 def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "") -> bool:
     """Cancel a job that has not finished. A running job's worker sees the new status at its
     next heartbeat (a streamed call is cut there) or before its next call, and a late result
-    is discarded by the fencing token."""
+    is discarded by the fencing token. A document's chunks that have not finished are
+    cancelled with it: nobody wants what they would cost."""
     won = transition(
         job,
         Job.CANCELLABLE_STATUSES,
@@ -419,6 +420,10 @@ def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "")
         # A running job's in-flight call still settles its actual cost when it lands.
         budgets.release(job)
         transaction.on_commit(lambda: queueing.remove(job))
+        if job.parent_id is None:
+            open_chunks = Job.objects.filter(parent=job, status__in=Job.CANCELLABLE_STATUSES)
+            for chunk in open_chunks.select_related("workload"):
+                do_cancel_job(chunk, actor=actor, reason="its document was cancelled")
     return won
 
 

@@ -8,9 +8,10 @@ import docx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from jobs import documents
+from jobs import documents, services
 from jobs.documents import DocumentError, extract, split_into_chunks
 from jobs.models import Job, Workload
+from jobs.worker import build_worker
 from review import services as review_services
 from review.models import ReviewItem
 
@@ -270,3 +271,24 @@ def test_a_chunk_corrected_in_review_lets_the_document_finish_at_once(
     job.refresh_from_db()
     assert job.status == "succeeded"
     assert "Part 1:\nThe buyer inspects the goods." in documents.combined_chunk_outputs(job)
+
+
+def test_cancelling_a_document_cancels_its_chunks_before_they_call(
+    redis_conn, digest, user, simulator
+):
+    paragraphs = [f"Clause {i}: the carrier is liable for loss. " * 3 for i in range(6)]
+    job = submit_document(digest, user, paragraphs)
+    build_worker(name="split-only").work(burst=True, max_jobs=1)  # the split, no chunk yet
+    job.refresh_from_db()
+    assert job.status == "waiting"
+    chunks = job.children.count()
+    assert chunks >= 3
+
+    assert services.do_cancel_job(job, actor=user, reason="wrong file")
+    build_worker(name="after-cancel").work(burst=True)
+
+    assert simulator.counters()["requests_total"] == 0  # no chunk made its call
+    statuses = set(job.children.values_list("status", flat=True))
+    assert statuses == {"cancelled"}
+    event = job.children.first().events.order_by("-created_at", "-id").first()
+    assert event.reason == "its document was cancelled"
