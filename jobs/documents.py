@@ -41,7 +41,7 @@ import re
 import uuid
 import zipfile
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -264,6 +264,8 @@ def do_submit_document(
     user: AbstractBaseUser | None,
     priority: str = "",
     idempotency_key: str = "",
+    start_at: datetime | None = None,
+    deadline: datetime | None = None,
 ) -> tuple[Job, bool]:
     return services.do_submit_job(
         workload=workload,
@@ -271,6 +273,8 @@ def do_submit_document(
         user=user,
         priority=priority,
         idempotency_key=idempotency_key,
+        start_at=start_at,
+        deadline=deadline,
         input_data=document.metadata,
         max_input_chars=settings.AIQUEUE_DOCUMENT_MAX_CHARS,
     )

@@ -81,6 +81,8 @@ def job_new(request: HttpRequest) -> HttpResponse:
                         user=request.user,
                         priority=form.cleaned_data["priority"],
                         idempotency_key=form.cleaned_data["idempotency_key"],
+                        start_at=form.cleaned_data.get("start_at"),
+                        deadline=form.cleaned_data.get("deadline"),
                     )
                 else:
                     job, created = services.do_submit_job(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import docx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
 
-from jobs import documents, services
+from jobs import documents, reconcile, services
 from jobs.documents import DocumentError, extract, split_into_chunks
 from jobs.models import Job, Workload
 from jobs.worker import build_worker
@@ -201,6 +203,26 @@ def test_document_upload_form_creates_a_document_job(redis_conn, digest, user_cl
     assert job.input_data["filename"] == "terms.pdf"
 
 
+def test_document_upload_form_keeps_the_start_time_and_deadline(redis_conn, digest, user_client):
+    start = timezone.localtime() + timedelta(hours=2)
+    deadline = start + timedelta(hours=1)
+    upload = SimpleUploadedFile("terms.pdf", make_pdf(["Delivery by sea."]))
+    user_client.post(
+        "/jobs/new/",
+        {
+            "workload": digest.pk,
+            "document": upload,
+            "idempotency_key": "k2",
+            "start_at": start.strftime("%Y-%m-%dT%H:%M"),
+            "deadline": deadline.strftime("%Y-%m-%dT%H:%M"),
+        },
+    )
+    job = Job.objects.get()
+    assert job.status == "scheduled"  # not queued at once, as the form asked
+    assert job.scheduled_for == start.replace(second=0, microsecond=0)
+    assert job.deadline == deadline.replace(second=0, microsecond=0)
+
+
 def test_document_upload_form_shows_why_a_file_is_refused(redis_conn, digest, user_client):
     upload = SimpleUploadedFile("terms.pdf", b"plain text pretending")
     response = user_client.post("/jobs/new/", {"workload": digest.pk, "document": upload})
@@ -292,3 +314,22 @@ def test_cancelling_a_document_cancels_its_chunks_before_they_call(
     assert statuses == {"cancelled"}
     event = job.children.first().events.order_by("-created_at", "-id").first()
     assert event.reason == "its document was cancelled"
+
+
+def test_a_document_past_its_deadline_expires_with_its_chunks(redis_conn, digest, user, simulator):
+    paragraphs = [f"Clause {i}: the port fees are the buyer's. " * 3 for i in range(6)]
+    document = extract("doc.docx", make_docx(paragraphs))
+    deadline = timezone.now() + timedelta(hours=1)
+    job, _ = documents.do_submit_document(
+        workload=digest, document=document, user=user, deadline=deadline
+    )
+    build_worker(name="split-only").work(burst=True, max_jobs=1)
+    Job.objects.filter(pk=job.pk).update(deadline=timezone.now() - timedelta(seconds=1))
+
+    reconcile.run()
+    build_worker(name="after-expiry").work(burst=True)
+
+    job.refresh_from_db()
+    assert job.status == "expired"
+    assert simulator.counters()["requests_total"] == 0
+    assert set(job.children.values_list("status", flat=True)) == {"cancelled"}
