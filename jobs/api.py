@@ -20,7 +20,7 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from jobs import kinds, services
+from jobs import documents, kinds, services
 from jobs.models import ApiToken, Job, Workload
 from jobs.views import can_change_job, visible_jobs
 
@@ -80,6 +80,10 @@ def job_json(request: HttpRequest, job: Job) -> dict:
         "error": job.error or None,
         "attempts": job.attempt_count,
         "cost_usd": str(job.cost_actual),
+        # A document's own calls are its reduce call; its chunks' calls are theirs (as on its page).
+        "cost_with_chunks_usd": (
+            str(job.total_cost) if documents.is_document_parent(job) else None
+        ),
         "cost_reserved_usd": str(job.cost_reserved),
         "wait_reason": job.wait_reason or None,
         "resume_at": job.resume_at.isoformat() if job.resume_at else None,

@@ -28,7 +28,7 @@ job already has):
    while a chunk is in review. A chunk that ends failed or cancelled (rejected in review)
    sends the document to review naming the chunks; a reviewer's retry of the document then
    re-queues exactly those chunks and waits for them; chunks that succeeded are never re-run.
-6. **Cost.** Every call is an Attempt on the job that made it; ``document_cost`` sums the
+6. **Cost.** Every call is an Attempt on the job that made it; ``Job.total_cost`` sums the
    parent's own (reduce) cost and its chunks'. Cancelling the document cancels the chunks that
    have not finished (jobs.services.do_cancel_job), so they make no more calls.
 """
@@ -42,12 +42,11 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import Count, Max, Q, Sum
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from jobs import queueing, services
@@ -463,9 +462,3 @@ def combined_chunk_outputs(job: Job) -> str:
     for child in job.children.order_by("chunk_index"):
         parts.append(f"Part {child.chunk_index + 1}:\n{child.final_output.strip()}")
     return "\n\n".join(parts)
-
-
-def document_cost(job: Job) -> Decimal:
-    """What a document cost: its own (reduce) calls plus every chunk's."""
-    children = job.children.aggregate(total=Sum("cost_actual"))["total"] or Decimal(0)
-    return (job.cost_actual or Decimal(0)) + children

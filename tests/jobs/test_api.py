@@ -45,6 +45,7 @@ def test_get_job_state(client, token, workload):
     body = client.get(f"/api/jobs/{code}", headers={"Authorization": f"Bearer {token}"}).json()
     assert body["status"] == "succeeded"
     assert body["output"] == "done"
+    assert body["cost_with_chunks_usd"] is None  # only documents have chunks
 
 
 def test_idempotency_key_header_returns_the_same_job(client, token, workload):

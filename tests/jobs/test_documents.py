@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import timedelta
+from decimal import Decimal
 
 import docx
 import pytest
@@ -154,12 +155,15 @@ def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
     # One call per chunk plus the reduce call; the reduce prompt holds every chunk's answer.
     assert simulator.counters()["requests_total"] == len(chunks) + 1
     total = sum(c.cost_actual for c in chunks) + job.cost_actual
-    assert documents.document_cost(job) == total
+    assert job.total_cost == total
     assert job.cost_actual > 0
     assert job.input_data["file_type"] == "docx"
     page = user_client.get(job.get_absolute_url()).content.decode()
     assert 'id="job-chunks"' in page
     assert f"${job.total_cost:.6f}" in page  # the document's cost with its chunks
+    body = user_client.get(f"/api/jobs/{job.code}").json()  # the API says the same
+    assert Decimal(body["cost_usd"]) == job.cost_actual
+    assert Decimal(body["cost_with_chunks_usd"]) == total
 
 
 def test_failed_chunk_is_retried_alone(redis_conn, digest, user, run_worker, simulator):
