@@ -70,7 +70,7 @@ def context(request: HttpRequest, part: str | None = None) -> dict[str, Any]:
         counts = dict(jobs.order_by().values_list("status").annotate(n=Count("id")))
         data["counts"] = status_counts(counts)
     if part in (None, "recent-jobs"):
-        data["recent"] = visible_jobs(user)[:10]
+        data["recent"] = visible_jobs(user).filter(parent__isnull=True)[:10]  # no chunks
     if part is None:
         data["workloads"] = Workload.objects.select_related("provider")
     if part in (None, "dashboard-live") and data["show_health"]:

@@ -263,12 +263,23 @@ def render_list_updates(
     job: Job, *, created: bool = False, only: set[str] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
     messages = []
-    new_marker = render_to_string("jobs/list.html#job-list-new", {"oob": True}) if created else None
+    # A document's chunk counts as a job, but has no row of its own in the lists (its
+    # document's page lists it): only the counters move.
+    chunk = job.parent_id is not None
+    new_marker = (
+        render_to_string("jobs/list.html#job-list-new", {"oob": True})
+        if created and not chunk
+        else None
+    )
     for group, visible in list_groups(job):
         if only is not None and group not in only:
             continue
         jobs = visible()
-        parts = {name: render(job, jobs) for name, render in LIST_PARTS.items()}
+        parts = {
+            name: render(job, jobs)
+            for name, render in LIST_PARTS.items()
+            if not (chunk and name == "row")
+        }
         if new_marker is not None:
             parts[NEW_JOB_PART] = new_marker
         messages.append((group, {"type": "jobs.update", "parts": parts}))

@@ -48,7 +48,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 def job_list(request: HttpRequest) -> HttpResponse:
     form = JobFilterForm(request.GET or None)
-    jobs = visible_jobs(request.user)
+    # A document's chunks are listed on its page, not here: one upload, one row.
+    jobs = visible_jobs(request.user).filter(parent__isnull=True)
     if form.is_valid():
         if (search := form.search()) is not None:
             jobs = jobs.filter(search)

@@ -11,7 +11,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
-from jobs import documents, reconcile, services
+from jobs import documents, live, reconcile, services
 from jobs.documents import DocumentError, extract, split_into_chunks
 from jobs.models import Job, Workload
 from jobs.worker import build_worker
@@ -164,6 +164,16 @@ def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
     body = user_client.get(f"/api/jobs/{job.code}").json()  # the API says the same
     assert Decimal(body["cost_usd"]) == job.cost_actual
     assert Decimal(body["cost_with_chunks_usd"]) == total
+    # One upload, one row: the lists show the document; its page lists the chunks.
+    listed = user_client.get("/jobs/").context["page"].object_list
+    assert [j.pk for j in listed] == [job.pk]
+    recent = user_client.get("/").context["recent"]
+    assert [j.pk for j in recent] == [job.pk]
+    for chunk in chunks:
+        assert str(chunk.code)[:8] in page
+    # A chunk's live update moves the counters but pushes no list row.
+    [(_, message), *_] = live.render_list_updates(chunks[0], created=True)
+    assert set(message["parts"]) == {"counters"}
 
 
 def test_failed_chunk_is_retried_alone(redis_conn, digest, user, run_worker, simulator):
