@@ -24,7 +24,7 @@ from django.db.models import Count
 from django.http import HttpRequest
 
 from jobs import charts, operator, stats
-from jobs.live import status_counts
+from jobs.live import listed_jobs, status_counts
 from jobs.models import Job, Workload
 
 PARTS = ("job-counters", "dashboard-live", "recent-jobs")
@@ -66,11 +66,11 @@ def context(request: HttpRequest, part: str | None = None) -> dict[str, Any]:
     if part == "dashboard-live" and not data["show_health"]:
         raise PermissionDenied("The health panel is for operators.")
     if part in (None, "job-counters"):
-        jobs = visible_jobs(user)
+        jobs = listed_jobs(visible_jobs(user))
         counts = dict(jobs.order_by().values_list("status").annotate(n=Count("id")))
         data["counts"] = status_counts(counts)
     if part in (None, "recent-jobs"):
-        data["recent"] = visible_jobs(user).filter(parent__isnull=True)[:10]  # no chunks
+        data["recent"] = listed_jobs(visible_jobs(user))[:10]
     if part is None:
         data["workloads"] = Workload.objects.select_related("provider")
     if part in (None, "dashboard-live") and data["show_health"]:

@@ -246,12 +246,28 @@ LIST_PARTS: dict[str, Callable[[Job, QuerySet[Job]], str]] = {
 
 def list_groups(job: Job) -> list[tuple[str, Callable[[], QuerySet[Job]]]]:
     """The list groups that see `job`, each with a function giving the jobs that group may
-    see (built only for a group that is rendered for: most publishes need just the names)."""
-    groups: list[tuple[str, Callable[[], QuerySet[Job]]]] = [(ALL_JOBS_GROUP, Job.objects.all)]
+    see (built only for a group that is rendered for: most publishes need just the names).
+
+    A document's chunks are in no list and no counter (`listed_jobs`): they show on their
+    document's page, so a chunk's update goes to its own page only."""
+    if job.parent_id is not None:
+        return []
+    groups: list[tuple[str, Callable[[], QuerySet[Job]]]] = [
+        (ALL_JOBS_GROUP, lambda: listed_jobs(Job.objects.all()))
+    ]
     owner = job.submitted_by_id
     if owner is not None:
-        groups.append((user_group(owner), lambda: Job.objects.filter(submitted_by=owner)))
+        groups.append(
+            (user_group(owner), lambda: listed_jobs(Job.objects.filter(submitted_by=owner)))
+        )
     return groups
+
+
+def listed_jobs(jobs: QuerySet[Job]) -> QuerySet[Job]:
+    """What the job list, the dashboard's counters and its recent jobs show: what people
+    submitted. A document's chunks are listed on the document's page instead (and counted as
+    calls by the health panel)."""
+    return jobs.filter(parent__isnull=True)
 
 
 # A part sent only when a job is created: the list page re-fetches its table (debounced, in
@@ -263,23 +279,12 @@ def render_list_updates(
     job: Job, *, created: bool = False, only: set[str] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
     messages = []
-    # A document's chunk counts as a job, but has no row of its own in the lists (its
-    # document's page lists it): only the counters move.
-    chunk = job.parent_id is not None
-    new_marker = (
-        render_to_string("jobs/list.html#job-list-new", {"oob": True})
-        if created and not chunk
-        else None
-    )
+    new_marker = render_to_string("jobs/list.html#job-list-new", {"oob": True}) if created else None
     for group, visible in list_groups(job):
         if only is not None and group not in only:
             continue
         jobs = visible()
-        parts = {
-            name: render(job, jobs)
-            for name, render in LIST_PARTS.items()
-            if not (chunk and name == "row")
-        }
+        parts = {name: render(job, jobs) for name, render in LIST_PARTS.items()}
         if new_marker is not None:
             parts[NEW_JOB_PART] = new_marker
         messages.append((group, {"type": "jobs.update", "parts": parts}))

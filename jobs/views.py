@@ -16,6 +16,7 @@ from django.views.decorators.http import require_POST
 from jobs import dashboard as dashboard_data
 from jobs import documents, services
 from jobs.forms import JobFilterForm, SubmitJobForm
+from jobs.live import listed_jobs
 from jobs.models import Job, Workload
 
 
@@ -48,8 +49,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 def job_list(request: HttpRequest) -> HttpResponse:
     form = JobFilterForm(request.GET or None)
-    # A document's chunks are listed on its page, not here: one upload, one row.
-    jobs = visible_jobs(request.user).filter(parent__isnull=True)
+    jobs = listed_jobs(visible_jobs(request.user))  # one upload, one row: no chunks
     if form.is_valid():
         if (search := form.search()) is not None:
             jobs = jobs.filter(search)

@@ -167,13 +167,14 @@ def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
     # One upload, one row: the lists show the document; its page lists the chunks.
     listed = user_client.get("/jobs/").context["page"].object_list
     assert [j.pk for j in listed] == [job.pk]
-    recent = user_client.get("/").context["recent"]
-    assert [j.pk for j in recent] == [job.pk]
+    dashboard = user_client.get("/").context
+    assert [j.pk for j in dashboard["recent"]] == [job.pk]
+    assert dict((status, n) for status, _label, n in dashboard["counts"])["succeeded"] == 1
     for chunk in chunks:
         assert str(chunk.code)[:8] in page
-    # A chunk's live update moves the counters but pushes no list row.
-    [(_, message), *_] = live.render_list_updates(chunks[0], created=True)
-    assert set(message["parts"]) == {"counters"}
+    # A chunk's live updates go to its own page only: no list row, no counters to move.
+    assert live.render_list_updates(chunks[0], created=True) == []
+    assert live.list_groups(chunks[0]) == []
 
 
 def test_failed_chunk_is_retried_alone(redis_conn, digest, user, run_worker, simulator):
