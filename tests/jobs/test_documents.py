@@ -172,6 +172,11 @@ def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
     assert dict((status, n) for status, _label, n in dashboard["counts"])["succeeded"] == 1
     for chunk in chunks:
         assert str(chunk.code)[:8] in page
+    # The document page's live update carries the chunks' table, so it follows them.
+    update = live.render_job_update(job)["html"]
+    table = update[update.index('<section class="card" id="job-chunks" hx-swap-oob="true">') :]
+    table = table[: table.index("</section>")]
+    assert table.count('data-status="succeeded"') == len(chunks)
     # A chunk's live updates go to its own page only: no list row, no counters to move.
     assert live.render_list_updates(chunks[0], created=True) == []
     assert live.list_groups(chunks[0]) == []
