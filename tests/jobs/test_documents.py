@@ -161,6 +161,7 @@ def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
     page = user_client.get(job.get_absolute_url()).content.decode()
     assert 'id="job-chunks"' in page
     assert f"${job.total_cost:.6f}" in page  # the document's cost with its chunks
+    assert "{#" not in page  # no template comment leaks onto the page
     body = user_client.get(f"/api/jobs/{job.code}").json()  # the API says the same
     assert Decimal(body["cost_usd"]) == job.cost_actual
     assert Decimal(body["cost_with_chunks_usd"]) == total
