@@ -253,7 +253,7 @@ def test_document_upload_form_shows_why_a_file_is_refused(redis_conn, digest, us
 
 
 def test_rejected_chunk_sends_the_document_to_review_and_its_retry_reruns_only_that_chunk(
-    redis_conn, digest, user, run_worker, simulator
+    redis_conn, digest, user, run_worker, simulator, admin_client
 ):
     paragraphs = [f"Clause {i}: the seller insures the cargo. " * 3 for i in range(4)]
     digest.max_attempts = 1
@@ -264,9 +264,14 @@ def test_rejected_chunk_sends_the_document_to_review_and_its_retry_reruns_only_t
     [failed] = [c for c in job.children.all() if c.status != "succeeded"]
     chunk_count = job.children.count()
 
+    # The reviewer sees which document the chunk belongs to.
+    chunk_item = ReviewItem.objects.get(job=failed)
+    page = admin_client.get(chunk_item.get_absolute_url()).content.decode()
+    assert f"chunk {failed.chunk_index + 1} of" in page
+    assert job.get_absolute_url() in page
+
     # A reviewer rejects the chunk: the document cannot be whole, so it goes to review itself,
     # naming the chunk, instead of waiting forever or reducing without it.
-    chunk_item = ReviewItem.objects.get(job=failed)
     review_services.do_claim(chunk_item, user)
     review_services.do_reject(chunk_item, user, reason="garbled scan")
     run_worker()
