@@ -137,6 +137,21 @@ def submit_document(workload, user, paragraphs) -> Job:
     return job
 
 
+def document_with_a_failed_chunk(digest, user, run_worker, simulator, clause: str):
+    """A four-chunk document whose first chunk's only allowed call fails for good (it goes to
+    review) while the others succeed; returns (document, chunks in order, the failed chunk)."""
+    paragraphs = [f"Clause {i}: {clause} " * 3 for i in range(4)]
+    digest.max_attempts = 1
+    digest.save()
+    simulator.control(script=[400])
+    job = submit_document(digest, user, paragraphs)
+    run_worker()
+    job.refresh_from_db()
+    chunks = list(job.children.order_by("chunk_index"))
+    [failed] = [c for c in chunks if c.status != "succeeded"]
+    return job, chunks, failed
+
+
 def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
     redis_conn, digest, user, user_client, run_worker, simulator
 ):
@@ -184,24 +199,15 @@ def test_document_is_mapped_per_chunk_and_reduced_with_cost_summed(
 
 
 def test_failed_chunk_is_retried_alone(redis_conn, digest, user, run_worker, simulator):
-    paragraphs = [f"Clause {i}: the buyer pays within thirty days. " * 3 for i in range(4)]
-    digest.max_attempts = 1
-    digest.save()
-    # The first chunk's call fails for good; the others succeed.
-    simulator.control(script=[400])
-    job = submit_document(digest, user, paragraphs)
-    run_worker()
-
-    job.refresh_from_db()
-    chunks = list(job.children.order_by("chunk_index"))
-    failed = [c for c in chunks if c.status != "succeeded"]
-    assert len(failed) == 1
-    assert failed[0].status == "needs_review"
+    job, chunks, failed = document_with_a_failed_chunk(
+        digest, user, run_worker, simulator, "the buyer pays within thirty days."
+    )
+    assert failed.status == "needs_review"
     assert job.status == "waiting"  # the document waits while its chunk is with a reviewer
     calls_before = simulator.counters()["requests_total"]
 
     # The reviewer retries the chunk: only that chunk runs again, then the reduce call.
-    item = ReviewItem.objects.get(job=failed[0])
+    item = ReviewItem.objects.get(job=failed)
     review_services.do_claim(item, user)
     review_services.do_retry(item, user)
     run_worker()
@@ -209,7 +215,7 @@ def test_failed_chunk_is_retried_alone(redis_conn, digest, user, run_worker, sim
     job.refresh_from_db()
     assert job.status == "succeeded"
     assert simulator.counters()["requests_total"] == calls_before + 2
-    succeeded_once = [c for c in chunks if c.pk != failed[0].pk]
+    succeeded_once = [c for c in chunks if c.pk != failed.pk]
     assert all(c.attempts.count() == 1 for c in succeeded_once)
 
 
@@ -255,14 +261,10 @@ def test_document_upload_form_shows_why_a_file_is_refused(redis_conn, digest, us
 def test_rejected_chunk_sends_the_document_to_review_and_its_retry_reruns_only_that_chunk(
     redis_conn, digest, user, run_worker, simulator, admin_client
 ):
-    paragraphs = [f"Clause {i}: the seller insures the cargo. " * 3 for i in range(4)]
-    digest.max_attempts = 1
-    digest.save()
-    simulator.control(script=[400])  # the first chunk's call fails for good
-    job = submit_document(digest, user, paragraphs)
-    run_worker()
-    [failed] = [c for c in job.children.all() if c.status != "succeeded"]
-    chunk_count = job.children.count()
+    job, chunks, failed = document_with_a_failed_chunk(
+        digest, user, run_worker, simulator, "the seller insures the cargo."
+    )
+    chunk_count = len(chunks)
 
     # The reviewer sees which document the chunk belongs to.
     chunk_item = ReviewItem.objects.get(job=failed)
@@ -301,13 +303,9 @@ def test_rejected_chunk_sends_the_document_to_review_and_its_retry_reruns_only_t
 def test_a_chunk_corrected_in_review_lets_the_document_finish_at_once(
     redis_conn, digest, user, run_worker, simulator
 ):
-    paragraphs = [f"Clause {i}: the buyer inspects the goods. " * 3 for i in range(4)]
-    digest.max_attempts = 1
-    digest.save()
-    simulator.control(script=[400])
-    job = submit_document(digest, user, paragraphs)
-    run_worker()
-    [failed] = [c for c in job.children.all() if c.status != "succeeded"]
+    job, _chunks, failed = document_with_a_failed_chunk(
+        digest, user, run_worker, simulator, "the buyer inspects the goods."
+    )
 
     # The reviewer writes the chunk's summary by hand: the document reduces now, not at its
     # next periodic check (CHECK_INTERVAL_S).
