@@ -21,6 +21,7 @@ urlpatterns = [
     path("api/jobs", api.submit, name="api-submit"),
     path("api/jobs/<uuid:code>", api.detail, name="api-detail"),
     path("api/jobs/<uuid:code>/cancel", api.cancel, name="api-cancel"),
+    path("api/<path:rest>", api.not_found),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/django-rq/", include("django_rq.urls")),

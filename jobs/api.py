@@ -12,7 +12,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import wraps
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
@@ -100,6 +102,10 @@ def job_json(request: HttpRequest, job: Job) -> dict:
 def submit(request: HttpRequest) -> HttpResponse:
     try:
         body = json.loads(request.body or b"{}")
+    except RequestDataTooBig:
+        # Said in JSON, not as Django's HTML error page: the client is a program.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return error(413, f"Body too large: at most {limit:,} bytes.", max_bytes=limit)
     except ValueError:
         return error(400, "Body must be a JSON object.")
     if not isinstance(body, dict):
@@ -214,3 +220,13 @@ def detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
     if job is None:
         return error(404, "No such job.")
     return JsonResponse(job_json(request, job))
+
+
+@login_not_required
+def not_found(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """Any other /api/ address: a JSON 404 naming the endpoints, not the site's HTML page."""
+    return error(
+        404,
+        f"No such API endpoint: /api/{rest}. There are POST /api/jobs, "
+        "GET /api/jobs/<code> and POST /api/jobs/<code>/cancel.",
+    )

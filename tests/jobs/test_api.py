@@ -186,3 +186,24 @@ def test_a_document_workload_points_to_the_form(client, token, workload):
     assert response.status_code == 400
     assert "/jobs/new/" in response.json()["error"]
     assert not Job.objects.exists()
+
+
+def test_a_body_over_the_upload_limit_gets_a_json_413(client, token, workload, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 10_000
+    response = post_job(
+        client, {"workload": workload.name, "input": "x" * 20_000}, Authorization=f"Bearer {token}"
+    )
+    assert response.status_code == 413
+    assert response.json() == {
+        "error": "Body too large: at most 10,000 bytes.",
+        "max_bytes": 10_000,
+    }
+    assert not Job.objects.exists()
+
+
+def test_an_unknown_api_address_answers_json_404(client, token):
+    for path in ("/api/job", "/api/jobs/not-a-code", "/api/jobs/42/cancel"):
+        response = client.get(path, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 404
+        assert response["Content-Type"] == "application/json"
+        assert "No such API endpoint" in response.json()["error"]
