@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
+from django.core.paginator import Paginator
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
@@ -48,7 +50,9 @@ def get_batch_to_change(request: HttpRequest, code: uuid.UUID) -> Batch:
 
 
 def batch_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "batches/list.html", {"batches": visible_batches(request.user)[:100]})
+    batches = visible_batches(request.user)
+    page = Paginator(batches, settings.AIQUEUE_JOBS_PER_PAGE).get_page(request.GET.get("page"))
+    return render(request, "batches/list.html", {"page": page})
 
 
 def batch_new(request: HttpRequest) -> HttpResponse:

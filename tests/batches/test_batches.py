@@ -289,3 +289,15 @@ def test_a_row_resolved_in_review_completes_the_batch_at_once(
     batch.refresh_from_db()
     assert batch.status == "completed"
     assert services.progress(batch).done == 2
+
+
+def test_the_batch_list_is_paginated_newest_first(
+    redis_conn, sentiment, user, user_client, settings
+):
+    settings.AIQUEUE_JOBS_PER_PAGE = 2
+    made = [make_batch(sentiment, user, REVIEWS) for _ in range(3)]
+    first = user_client.get("/batches/")
+    assert [b.pk for b in first.context["page"].object_list] == [made[2].pk, made[1].pk]
+    assert "Page 1 of 2 · 3 batches" in first.content.decode()
+    second = user_client.get("/batches/", {"page": 2})
+    assert [b.pk for b in second.context["page"].object_list] == [made[0].pk]
