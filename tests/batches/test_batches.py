@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -11,7 +12,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from batches import services
 from batches.models import Batch, BatchRow
-from jobs.models import Job, Workload
+from jobs.models import Budget, Job, Workload
 from review import services as review_services
 from review.models import ReviewItem
 from tests.conftest import queued_ids
@@ -301,3 +302,26 @@ def test_the_batch_list_is_paginated_newest_first(
     assert "Page 1 of 2 · 3 batches" in first.content.decode()
     second = user_client.get("/batches/", {"page": 2})
     assert [b.pk for b in second.context["page"].object_list] == [made[0].pk]
+
+
+def test_a_refused_wave_keeps_its_rows_pending_says_why_and_goes_on_when_allowed(
+    redis_conn, sentiment, user, user_client, run_worker
+):
+    budget = Budget.objects.create(name="Pilot", cap_usd=Decimal("0"), on_exhausted="reject")
+    batch = make_batch(sentiment, user, [["product", "review"], ["Kettle", "Fine"]])
+
+    assert services.do_start_batch(batch) == 0  # nothing admitted, nothing lost
+    batch.refresh_from_db()
+    assert batch.status == "running"
+    assert "exhausted" in batch.admission_error
+    assert BatchRow.objects.get(batch=batch).job is None
+    assert "exhausted" in user_client.get(batch.get_absolute_url()).content.decode()
+
+    # Once the operator raises the budget, the next pass admits the row and clears the reason.
+    budget.cap_usd = Decimal("5")
+    budget.save()
+    assert services.admit_running() == 1
+    run_worker()
+    batch.refresh_from_db()
+    assert batch.admission_error == ""
+    assert batch.status == "completed"

@@ -357,3 +357,18 @@ def test_a_document_past_its_deadline_expires_with_its_chunks(redis_conn, digest
     assert job.status == "expired"
     assert simulator.counters()["requests_total"] == 0
     assert set(job.children.values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_a_one_chunk_document_is_its_chunks_answer_without_a_reduce_call(
+    redis_conn, digest, user, run_worker, simulator
+):
+    job = submit_document(digest, user, ["Clause 1: delivery within ten days."])
+    run_worker()
+
+    job.refresh_from_db()
+    [chunk] = job.children.all()
+    assert job.status == "succeeded"
+    assert job.output_text == chunk.final_output
+    assert simulator.counters()["requests_total"] == 1  # the chunk's call; no reduce call
+    assert job.cost_actual == 0
+    assert job.total_cost == chunk.cost_actual
