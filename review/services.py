@@ -20,6 +20,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from jobs import queueing
+from jobs.flow import budgets
 from jobs.models import Job, JobEvent
 from jobs.services import transition
 from review import notifications
@@ -293,6 +294,7 @@ def do_retry(
     """
     overrides = {k: v for k, v in (overrides or {}).items() if k in RETRY_OVERRIDE_KEYS}
     overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
+    _check_budgetable(item.job, {**(item.job.overrides or {}), **overrides})
     job = _resolve(
         item,
         user,
@@ -317,6 +319,20 @@ def do_retry(
     )
     transaction.on_commit(lambda: queueing.enqueue(job))
     return job
+
+
+def _check_budgetable(job: Job, overrides: dict[str, Any]) -> None:
+    """A retry on a model without a price cannot be reserved on the job's budgets: refuse it
+    rather than let the call go unbudgeted."""
+    if not budgets.budgets_for(job.workload):
+        return
+    provider, model = budgets.call_targets(job.workload, overrides)[0]
+    if provider.price_for(model) is None:
+        raise ReviewError(
+            f"Not retried: a budget applies, and model {model!r} of {provider.name!r} has no "
+            "price, so its call cannot be reserved. Add the price in the admin (Providers → "
+            "prices) or choose another model."
+        )
 
 
 def do_reject(item: ReviewItem, user, *, reason: str) -> Job:

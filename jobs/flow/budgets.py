@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.db import transaction
 from django.db.models import F, Q
@@ -40,6 +41,7 @@ from jobs.models import (
     BudgetReservation,
     Job,
     Priority,
+    Provider,
     Workload,
     nanos_to_usd,
     usd_to_nanos,
@@ -97,20 +99,24 @@ def estimate_input_tokens(workload: Workload, input_text: str) -> int:
     )
 
 
-def estimate(workload: Workload, input_text: str, *, min_tokens_in: int = 0) -> Estimate:
+def estimate(
+    workload: Workload,
+    input_text: str,
+    *,
+    min_tokens_in: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> Estimate:
     """The job's worst-case cost for one call: estimated input (at least `min_tokens_in`) +
-    max output tokens, at the dearest of its primary and fallback models. Raises
-    CannotEstimate without a price."""
+    max output tokens, at the dearest of the models a call may go to (`call_targets`: a
+    reviewer's override or the workload's own, and its fallback). Raises CannotEstimate
+    without a price for the first."""
     tokens_in = max(estimate_input_tokens(workload, input_text), min_tokens_in)
     tokens_out = workload.max_output_tokens
-    candidates = [(workload.provider, workload.model)]
-    if workload.fallback_provider_id:
-        candidates.append((workload.fallback_provider, workload.fallback_model or workload.model))
     costs = []
-    for provider, model in candidates:
+    for index, (provider, model) in enumerate(call_targets(workload, overrides)):
         price = provider.price_for(model)
         if price is None:
-            if provider == workload.provider:
+            if index == 0:
                 raise CannotEstimate(
                     f"cannot estimate cost: no price for model {model!r} of provider "
                     f"{provider.name!r}; add one in the admin (Providers → prices)."
@@ -118,6 +124,23 @@ def estimate(workload: Workload, input_text: str, *, min_tokens_in: int = 0) -> 
             continue
         costs.append(price.cost(tokens_in, tokens_out))
     return Estimate(tokens_in, tokens_out, usd_to_nanos(max(costs)))
+
+
+def call_targets(
+    workload: Workload, overrides: dict[str, Any] | None = None
+) -> list[tuple[Provider, str]]:
+    """(provider, model) of the calls a job may make: a reviewer's retry overrides
+    (`Job.overrides`) or the workload's own first, then the workload's fallback."""
+    provider, model = workload.provider, workload.model
+    if overrides:
+        if overrides.get("provider_id"):
+            chosen = Provider.objects.filter(pk=overrides["provider_id"], is_active=True).first()
+            provider = chosen or provider
+        model = overrides.get("model") or model
+    targets = [(provider, model)]
+    if workload.fallback_provider_id:
+        targets.append((workload.fallback_provider, workload.fallback_model or workload.model))
+    return targets
 
 
 # --- periods --------------------------------------------------------------------------------
@@ -227,7 +250,7 @@ def reserve_for(job: Job) -> Budget | None:
     applicable = budgets_for(job.workload)
     if not applicable:
         return None
-    cost = estimate(job.workload, job.input_text)
+    cost = estimate(job.workload, job.input_text, overrides=job.overrides)
     return reserve(job, cost.nanos, applicable)
 
 
@@ -244,7 +267,9 @@ def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
     if not applicable:
         return None
     try:
-        need = estimate(job.workload, job.input_text, min_tokens_in=min_tokens_in).nanos
+        need = estimate(
+            job.workload, job.input_text, min_tokens_in=min_tokens_in, overrides=job.overrides
+        ).nanos
     except CannotEstimate:
         log.warning("job=%s: no price any more for its model; call not reserved", job.code)
         return None
@@ -372,7 +397,7 @@ def release_held(limit: int = RELEASE_HELD_BATCH) -> int:
         if blocked.intersection(b.pk for b in budgets):
             continue
         try:
-            cost = estimate(job.workload, job.input_text)
+            cost = estimate(job.workload, job.input_text, overrides=job.overrides)
         except CannotEstimate:
             cost = None
         with transaction.atomic():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
 from django.urls import reverse
 
-from jobs.models import Attempt, Job, Provider
+from jobs.models import Attempt, Budget, Job, ModelPrice, Provider
 from review import services
 from review.models import ReviewItem
 
@@ -227,3 +228,45 @@ def test_model_output_is_escaped_on_the_inbox_and_item_pages(
         assert "<img src=x" not in page
         escaped = "&lt;script&gt;alert(1)&lt;/script&gt;" in page
         assert escaped or "&lt;img src=x onerror=alert(2)&gt;" in page
+
+
+def test_a_retry_on_a_dearer_model_is_budgeted_at_that_models_price(
+    redis_conn, classify_workload, escalate, reviewer, run_worker, simulator
+):
+    ModelPrice.objects.create(
+        provider=classify_workload.provider,
+        model="sim-large",
+        input_per_mtok=Decimal("1000"),
+        output_per_mtok=Decimal("2000"),
+    )
+    budget = Budget.objects.create(name="Pilot", cap_usd=Decimal("0.01"))
+    (item,) = escalate(classify_workload, LOW)  # one call on the cheap model: well inside
+    calls = simulator.counters()["requests_total"]
+
+    services.do_claim(item, reviewer)
+    job = services.do_retry(item, reviewer, overrides={"model": "sim-large"})
+    run_worker()
+
+    # The dearer call's worst case does not fit the cap: the job waits for budget instead of
+    # making a call that would pass it.
+    job.refresh_from_db()
+    budget.refresh_from_db()
+    assert job.status == "held", job.error
+    assert simulator.counters()["requests_total"] == calls
+    assert budget.spent_nanos + budget.reserved_nanos <= budget.cap_nanos
+
+
+def test_a_retry_on_a_model_without_a_price_is_refused_when_a_budget_applies(
+    redis_conn, classify_workload, escalate, reviewer, client
+):
+    Budget.objects.create(name="Pilot", cap_usd=Decimal("5"))
+    (item,) = escalate(classify_workload, LOW)
+    client.force_login(reviewer)
+    response = client.post(
+        reverse("review:retry", args=[item.pk]), {"model": "sim-unpriced"}, follow=True
+    )
+    page = response.content.decode()
+    assert "Not retried: a budget applies, and model &#x27;sim-unpriced&#x27;" in page
+    item.refresh_from_db()
+    assert item.is_open  # nothing changed: the reviewer can pick a priced model
+    assert Job.objects.get(pk=item.job_id).status == "needs_review"
