@@ -116,7 +116,7 @@ def _run(job: Job, token: uuid.UUID, stop: RunStop | None = None) -> None:
             job,
             token,
             request,
-            primary=override_provider(job) or job.workload.provider,
+            primary=budgets.chosen_target(job.workload, job.overrides)[0],
             call=call_provider,
             on_delta=stream,
         )
@@ -170,7 +170,7 @@ def handle_output(job: Job, token: uuid.UUID, completion: Completion) -> None:
             job,
             token,
             request,
-            primary=override_provider(job) or job.workload.provider,
+            primary=budgets.chosen_target(job.workload, job.overrides)[0],
             call=call_provider,
         )
 
@@ -190,7 +190,7 @@ def call_provider(
     the one jobs.retries chose (the fallback while the primary's breaker is open);
     `read_timeout` is clamped below what is left of the run's time."""
     workload = job.workload
-    provider_row = provider or override_provider(job) or workload.provider
+    provider_row = provider or budgets.chosen_target(workload, job.overrides)[0]
     prompt_tokens = kinds.estimate_tokens(len(request.system_prompt) + len(request.user_prompt))
     # Before every call, first or retry: a run past its job's deadline expires the job, and a
     # cancelled or recovered one stops.
@@ -258,14 +258,6 @@ def call_provider(
         if attempt.cost:
             Job.objects.filter(pk=job.pk).update(cost_actual=F("cost_actual") + attempt.cost)
             job.cost_actual = (job.cost_actual or Decimal(0)) + Decimal(attempt.cost)
-
-
-def override_provider(job: Job) -> Provider | None:
-    """The provider a reviewer chose for this job's retry, if any (and still active)."""
-    provider_id = (job.overrides or {}).get("provider_id")
-    if not provider_id:
-        return None
-    return Provider.objects.filter(pk=provider_id, is_active=True).first()
 
 
 @contextmanager

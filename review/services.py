@@ -326,7 +326,7 @@ def _check_budgetable(job: Job, overrides: dict[str, Any]) -> None:
     rather than let the call go unbudgeted."""
     if not budgets.budgets_for(job.workload):
         return
-    provider, model = budgets.call_targets(job.workload, overrides)[0]
+    provider, model = budgets.chosen_target(job.workload, overrides)
     if provider.price_for(model) is None:
         raise ReviewError(
             f"Not retried: a budget applies, and model {model!r} of {provider.name!r} has no "

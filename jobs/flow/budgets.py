@@ -126,18 +126,26 @@ def estimate(
     return Estimate(tokens_in, tokens_out, usd_to_nanos(max(costs)))
 
 
-def call_targets(
+def chosen_target(
     workload: Workload, overrides: dict[str, Any] | None = None
-) -> list[tuple[Provider, str]]:
-    """(provider, model) of the calls a job may make: a reviewer's retry overrides
-    (`Job.overrides`) or the workload's own first, then the workload's fallback."""
+) -> tuple[Provider, str]:
+    """(provider, model) a job's calls go to: what a reviewer chose for its retry
+    (`Job.overrides`; a provider only while it is active), else the workload's own."""
     provider, model = workload.provider, workload.model
     if overrides:
         if overrides.get("provider_id"):
             chosen = Provider.objects.filter(pk=overrides["provider_id"], is_active=True).first()
             provider = chosen or provider
         model = overrides.get("model") or model
-    targets = [(provider, model)]
+    return provider, model
+
+
+def call_targets(
+    workload: Workload, overrides: dict[str, Any] | None = None
+) -> list[tuple[Provider, str]]:
+    """(provider, model) of the calls a job may make: `chosen_target`, then the workload's
+    fallback."""
+    targets = [chosen_target(workload, overrides)]
     if workload.fallback_provider_id:
         targets.append((workload.fallback_provider, workload.fallback_model or workload.model))
     return targets
