@@ -281,7 +281,7 @@ def _admit_at_submit(job: Job, start_at: datetime | None) -> str:
 def do_expire_job(job: Job, *, reason: str = "deadline passed") -> bool:
     """A job that has not started by its deadline expires: it never runs, and what it
     reserved on its budgets is given back. A document waiting for its chunks expires too, and
-    they are cancelled (`_stop_chunks`)."""
+    they are cancelled (`stop_chunks`)."""
     won = transition(
         job,
         [Job.Status.QUEUED, Job.Status.WAITING, Job.Status.HELD, Job.Status.SCHEDULED],
@@ -294,7 +294,7 @@ def do_expire_job(job: Job, *, reason: str = "deadline passed") -> bool:
     if won:
         budgets.release(job)
         transaction.on_commit(lambda: queueing.remove(job))
-        _stop_chunks(job, actor=None, reason="its document expired")
+        stop_chunks(job, actor=None, reason="its document expired")
     return won
 
 
@@ -407,7 +407,7 @@ def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "")
     """Cancel a job that has not finished. A running job's worker sees the new status at its
     next heartbeat (a streamed call is cut there) or before its next call, and a late result
     is discarded by the fencing token. A document's chunks that have not finished are
-    cancelled with it (`_stop_chunks`): nobody wants what they would cost."""
+    cancelled with it (`stop_chunks`): nobody wants what they would cost."""
     won = transition(
         job,
         Job.CANCELLABLE_STATUSES,
@@ -422,18 +422,25 @@ def do_cancel_job(job: Job, *, actor: AbstractBaseUser | None, reason: str = "")
         # A running job's in-flight call still settles its actual cost when it lands.
         budgets.release(job)
         transaction.on_commit(lambda: queueing.remove(job))
-        _stop_chunks(job, actor=actor, reason="its document was cancelled")
+        stop_chunks(job, actor=actor, reason="its document was cancelled")
     return won
 
 
-def _stop_chunks(job: Job, *, actor: AbstractBaseUser | None, reason: str) -> None:
+def stop_chunks(job: Job, *, actor: AbstractBaseUser | None, reason: str) -> None:
     """A document ended without its result (cancelled, expired): cancel its chunks that have
-    not finished, so they make no more calls. Nothing to do for any other job."""
+    not finished, so they make no more calls, and withdraw those waiting for a reviewer, so
+    nobody spends time (or, with a retry, money) on them. Nothing to do for any other job."""
     if job.parent_id is not None:
         return
-    open_chunks = Job.objects.filter(parent=job, status__in=Job.CANCELLABLE_STATUSES)
+    from review.services import do_withdraw  # review builds on this module
+
+    statuses = {*Job.CANCELLABLE_STATUSES, Job.Status.NEEDS_REVIEW}
+    open_chunks = Job.objects.filter(parent=job, status__in=statuses)
     for chunk in open_chunks.select_related("workload"):
-        do_cancel_job(chunk, actor=actor, reason=reason)
+        if chunk.status == Job.Status.NEEDS_REVIEW:
+            do_withdraw(chunk, actor, reason=reason)
+        else:
+            do_cancel_job(chunk, actor=actor, reason=reason)
 
 
 def do_recover_stale_run(job: Job, *, reason: str) -> bool:

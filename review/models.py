@@ -35,6 +35,8 @@ class ReviewItem(models.Model):
         CORRECTED = "corrected", "Corrected"
         RETRIED = "retried", "Retried"
         REJECTED = "rejected", "Rejected"
+        # Nobody wants the result any more: the chunk's document was cancelled or expired.
+        WITHDRAWN = "withdrawn", "Withdrawn"
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="review_items")
     reason = models.CharField(max_length=20, choices=Reason.choices)

@@ -1,4 +1,4 @@
-"""State changes of the review inbox: escalate, claim, and the four resolutions.
+"""State changes of the review inbox: escalate, claim, the four resolutions, and withdrawal.
 
 Each resolution is one transaction: a conditional UPDATE closes the item (only if it is still
 open and nobody else holds a live claim), then `jobs.services.transition` moves the job out of
@@ -22,7 +22,7 @@ from django.utils import timezone
 from jobs import queueing
 from jobs.flow import budgets
 from jobs.models import Job, JobEvent
-from jobs.services import transition
+from jobs.services import stop_chunks, transition
 from review import notifications
 from review.models import ReviewItem
 from review.validation import InvalidOutput, validate_output
@@ -339,19 +339,51 @@ def do_reject(item: ReviewItem, user, *, reason: str) -> Job:
     reason = reason.strip()
     if not reason:
         raise ReviewError("Say why the output is rejected.")
-    return _resolve(
-        item,
-        user,
-        ReviewItem.Resolution.REJECTED,
-        to_status=Job.Status.FAILED,
-        reason=f"rejected in review: {reason}",
-        note=reason,
-        job_fields={
-            "error": f"Rejected in review: {reason}",
-            "error_class": "review_rejected",
+    with transaction.atomic():
+        job = _resolve(
+            item,
+            user,
+            ReviewItem.Resolution.REJECTED,
+            to_status=Job.Status.FAILED,
+            reason=f"rejected in review: {reason}",
+            note=reason,
+            job_fields={
+                "error": f"Rejected in review: {reason}",
+                "error_class": "review_rejected",
+                **_done_fields(),
+            },
+        )
+        # A rejected document wants none of its chunks: one still in review is withdrawn.
+        stop_chunks(job, actor=user, reason="its document was rejected in review")
+    return job
+
+
+def do_withdraw(job: Job, actor, *, reason: str) -> bool:
+    """Take a job waiting for review out of the inbox because nobody wants its result any more
+    (its document was cancelled or expired): its open items are closed as withdrawn and the job
+    is cancelled, in one transaction. Unlike the four resolutions it needs no claim: a
+    reviewer working on the item is told it was already resolved. False if the job was not
+    waiting for review (a reviewer settled it first)."""
+    now = timezone.now()
+    with transaction.atomic():
+        won = transition(
+            job,
+            [Job.Status.NEEDS_REVIEW],
+            Job.Status.CANCELLED,
+            actor=actor,
+            reason=reason,
             **_done_fields(),
-        },
-    )
+        )
+        if won:
+            ReviewItem.objects.filter(job=job, status=ReviewItem.Status.OPEN).update(
+                status=ReviewItem.Status.RESOLVED,
+                resolution=ReviewItem.Resolution.WITHDRAWN,
+                resolved_by=actor if actor is not None and actor.is_authenticated else None,
+                resolved_at=now,
+                claim_expires_at=None,
+                note=reason[:300],
+            )
+    return won
 
 
 # --------------------------------------------------------------------------- lists

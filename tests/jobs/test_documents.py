@@ -340,6 +340,59 @@ def test_cancelling_a_document_cancels_its_chunks_before_they_call(
     assert event.reason == "its document was cancelled"
 
 
+def test_cancelling_a_document_withdraws_its_chunk_from_the_review_inbox(
+    redis_conn, digest, user, run_worker, simulator
+):
+    job, _chunks, failed = document_with_a_failed_chunk(
+        digest, user, run_worker, simulator, "the seller insures the cargo."
+    )
+    assert (job.status, failed.status) == ("waiting", "needs_review")
+    item = ReviewItem.objects.get(job=failed)
+    review_services.do_claim(item, user)  # a reviewer has it open
+
+    assert services.do_cancel_job(job, actor=user, reason="wrong file")
+
+    failed.refresh_from_db()
+    item.refresh_from_db()
+    assert failed.status == "cancelled"
+    assert (item.status, item.resolution) == ("resolved", "withdrawn")
+    assert item.resolved_by == user
+    assert item.note == "its document was cancelled"
+    assert not review_services.open_items().filter(job__parent=job).exists()
+    calls = simulator.counters()["requests_total"]
+    with pytest.raises(review_services.ReviewError, match="already resolved"):
+        review_services.do_retry(item, user)  # the reviewer's click lands after: no paid call
+    run_worker()
+    assert simulator.counters()["requests_total"] == calls
+
+
+def test_rejecting_a_document_withdraws_its_chunk_still_in_review(
+    redis_conn, digest, user, run_worker, simulator
+):
+    paragraphs = [f"Clause {i}: the buyer pays the freight. " * 3 for i in range(4)]
+    digest.max_attempts = 1
+    digest.save()
+    simulator.control(script=[400, 400])  # two chunks' only calls fail: both go to review
+    job = submit_document(digest, user, paragraphs)
+    run_worker()
+    first, second = ReviewItem.objects.filter(job__parent=job).order_by("job__chunk_index")
+
+    review_services.do_claim(first, user)
+    review_services.do_reject(first, user, reason="unreadable scan")
+    run_worker()  # the document wakes, sees a failed chunk and goes to review itself
+    job.refresh_from_db()
+    assert job.status == "needs_review"
+    document_item = ReviewItem.objects.get(job=job)
+    review_services.do_claim(document_item, user)
+    review_services.do_reject(document_item, user, reason="not worth fixing")
+
+    second.refresh_from_db()
+    assert (second.status, second.resolution) == ("resolved", "withdrawn")
+    assert second.job.status == "cancelled"
+    assert second.note == "its document was rejected in review"
+    assert not review_services.open_items().exists()
+
+
 def test_a_document_past_its_deadline_expires_with_its_chunks(redis_conn, digest, user, simulator):
     paragraphs = [f"Clause {i}: the port fees are the buyer's. " * 3 for i in range(6)]
     document = extract("doc.docx", make_docx(paragraphs))
