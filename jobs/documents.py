@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import uuid
 import zipfile
@@ -47,9 +48,11 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Count, Max, Q
+from django.db.models.functions import Greatest, Length
 from django.utils import timezone
 
 from jobs import queueing, services
+from jobs.flow import budgets
 from jobs.models import Job, JobEvent, Workload
 
 log = logging.getLogger(__name__)
@@ -284,6 +287,36 @@ def do_submit_document(
 
 def is_document_parent(job: Job) -> bool:
     return job.workload.kind == Workload.Kind.DOCUMENT and job.parent_id is None
+
+
+def reduce_input_tokens(job: Job) -> int:
+    """The most input the document's reduce call can have: the system prompt, the reduce
+    prompt and every chunk's answer under its "Part N:" heading, each at the workload's max
+    output tokens or, once written, its real length if longer (a reviewer's correction can
+    be). Before the split, chunks are counted from the text as `_fan_out` will split it.
+    Budgets reserve the reduce call with this, so a document held for budget is released
+    only when its real call fits."""
+    workload = job.workload
+    lengths = list(
+        job.children.annotate(
+            chars=Greatest(Length("output_text"), Length("corrected_output"))
+        ).values_list("chars", flat=True)
+    )
+    if not lengths:
+        lengths = [0] * len(split_into_chunks(job.input_text, workload.chunk_chars))
+    from jobs import kinds
+
+    template = workload.reduce_prompt or kinds.DEFAULT_REDUCE_PROMPT
+    heading = budgets.estimate_tokens(f"Part {len(lengths)}:\n\n\n")
+    # Tokens of an answer by budgets.estimate_tokens' rule (4 characters each), from its length.
+    answers = sum(max(workload.max_output_tokens, math.ceil(chars / 4)) for chars in lengths)
+    return (
+        budgets.estimate_tokens(workload.system_prompt)
+        + budgets.estimate_tokens(template)
+        + answers
+        + len(lengths) * heading
+        + 2 * budgets.MESSAGE_OVERHEAD_TOKENS
+    )
 
 
 def chunk_counts(job: Job) -> dict[str, int]:

@@ -197,9 +197,11 @@ def call_provider(
     if job.deadline is not None and job.deadline <= timezone.now():
         services.do_expire_run(job, job.run_token)
         raise retries.RunEnded("deadline passed while running")
-    if job.cost_actual:
-        # A paid call was made already and came out of the reservation: reserve one more
-        # worst-case call before this one, or hold the job until its budget frees.
+    if job.cost_actual or documents.is_document_parent(job):
+        # A paid call was made already and came out of the reservation, or this is a
+        # document's reduce call, whose prompt (its chunks' answers, corrected ones too) is
+        # known only now: make the reservation cover this call before it is made, or hold
+        # the job until its budget frees.
         exhausted = budgets.top_up(job, min_tokens_in=prompt_tokens)
         if exhausted is not None:
             reason = budgets.hold_reason(exhausted)

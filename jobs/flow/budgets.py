@@ -126,6 +126,26 @@ def estimate(
     return Estimate(tokens_in, tokens_out, usd_to_nanos(max(costs)))
 
 
+def estimate_for(job: Job, *, min_tokens_in: int = 0) -> Estimate:
+    """`estimate` for the call this job makes. A document's own call is its reduce call, which
+    reads its chunks' answers, not the document (each chunk reserves its own call): its input
+    is counted as every chunk's answer at the workload's max output tokens
+    (`documents.reduce_input_tokens`), whatever the document's length."""
+    from jobs import documents  # documents builds on jobs.services, which builds on this
+
+    if documents.is_document_parent(job):
+        reduce_tokens = documents.reduce_input_tokens(job)
+        return estimate(
+            job.workload,
+            "",
+            min_tokens_in=max(min_tokens_in, reduce_tokens),
+            overrides=job.overrides,
+        )
+    return estimate(
+        job.workload, job.input_text, min_tokens_in=min_tokens_in, overrides=job.overrides
+    )
+
+
 def chosen_target(
     workload: Workload, overrides: dict[str, Any] | None = None
 ) -> tuple[Provider, str]:
@@ -258,8 +278,7 @@ def reserve_for(job: Job) -> Budget | None:
     applicable = budgets_for(job.workload)
     if not applicable:
         return None
-    cost = estimate(job.workload, job.input_text, overrides=job.overrides)
-    return reserve(job, cost.nanos, applicable)
+    return reserve(job, estimate_for(job).nanos, applicable)
 
 
 def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
@@ -275,9 +294,7 @@ def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
     if not applicable:
         return None
     try:
-        need = estimate(
-            job.workload, job.input_text, min_tokens_in=min_tokens_in, overrides=job.overrides
-        ).nanos
+        need = estimate_for(job, min_tokens_in=min_tokens_in).nanos
     except CannotEstimate:
         log.warning("job=%s: no price any more for its model; call not reserved", job.code)
         return None
@@ -405,7 +422,7 @@ def release_held(limit: int = RELEASE_HELD_BATCH) -> int:
         if blocked.intersection(b.pk for b in budgets):
             continue
         try:
-            cost = estimate(job.workload, job.input_text, overrides=job.overrides)
+            cost = estimate_for(job)
         except CannotEstimate:
             cost = None
         with transaction.atomic():

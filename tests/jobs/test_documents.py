@@ -13,7 +13,8 @@ from django.utils import timezone
 
 from jobs import documents, live, reconcile, services
 from jobs.documents import DocumentError, extract, split_into_chunks
-from jobs.models import Job, Workload
+from jobs.flow import budgets
+from jobs.models import Budget, Job, Workload, nanos_to_usd
 from jobs.worker import build_worker
 from review import services as review_services
 from review.models import ReviewItem
@@ -410,6 +411,71 @@ def test_a_document_past_its_deadline_expires_with_its_chunks(redis_conn, digest
     assert job.status == "expired"
     assert simulator.counters()["requests_total"] == 0
     assert set(job.children.values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_a_document_that_fits_its_budget_is_not_held_by_its_own_reservation(
+    redis_conn, digest, user, run_worker, simulator
+):
+    # Long chunks, short answers (the usual shape): the reduce call reads 6 short answers.
+    digest.chunk_chars, digest.max_output_tokens = 2000, 50
+    digest.save()
+    paragraphs = [f"Clause {i}: the carrier is liable for loss in transit. " * 36 for i in range(6)]
+    text = extract("doc.docx", make_docx(paragraphs)).text
+    chunks = split_into_chunks(text, digest.chunk_chars)
+    assert len(chunks) == 6
+    chunk_calls = sum(budgets.estimate(digest, chunk).nanos for chunk in chunks)
+    reduce_call = budgets.estimate(digest, "", min_tokens_in=6 * 60 + 60).nanos
+    cap = chunk_calls + reduce_call
+    # Reserved as if the whole text were the reduce call's input, it would not fit beside
+    # its chunks: they were held with the document waiting for them, until the next period.
+    assert budgets.estimate(digest, text).nanos + chunk_calls > cap
+    Budget.objects.create(name="Digests", workload=digest, cap_usd=nanos_to_usd(cap))
+
+    job = submit_document(digest, user, paragraphs)
+    for _ in range(3):
+        run_worker()
+        reconcile.run()
+
+    job.refresh_from_db()
+    assert job.children.count() == 6
+    assert job.status == "succeeded"
+    budget = Budget.objects.get(name="Digests")
+    assert budget.spent_nanos <= budget.cap_nanos
+    assert budget.reserved_nanos == 0
+
+
+def test_a_reduce_call_longer_than_its_reservation_is_held_not_overspent(
+    redis_conn, digest, user, run_worker, simulator
+):
+    Budget.objects.create(name="Digests", workload=digest, cap_usd=10)
+    job, _chunks, failed = document_with_a_failed_chunk(
+        digest, user, run_worker, simulator, "the buyer pays the port fees."
+    )
+    # Leave the budget just what is reserved: then a reviewer writes a chunk's answer far
+    # longer than a model's, so the reduce prompt outgrows the document's reservation.
+    budget = Budget.objects.get(name="Digests")
+    Budget.objects.filter(pk=budget.pk).update(
+        cap_usd=nanos_to_usd(budget.spent_nanos + budget.reserved_nanos),
+        cap_nanos=budget.spent_nanos + budget.reserved_nanos,
+    )
+    item = ReviewItem.objects.get(job=failed)
+    review_services.do_claim(item, user)
+    review_services.do_correct(item, user, corrected_output="The buyer pays. " * 300)
+    run_worker()
+
+    job.refresh_from_db()
+    budget.refresh_from_db()
+    assert job.status == "held"  # not called: the call could have passed the cap
+    assert budget.spent_nanos + budget.reserved_nanos <= budget.cap_nanos
+    assert job.attempts.count() == 0
+
+    Budget.objects.filter(pk=budget.pk).update(cap_usd=10, cap_nanos=10 * 10**9)
+    budgets.release_held()
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "succeeded"  # nothing lost: it runs once the budget allows
+    [reduce_call] = job.attempts.all()
+    assert reduce_call.tokens_in > 1200  # it did read the long correction
 
 
 def test_a_one_chunk_document_is_its_chunks_answer_without_a_reduce_call(
