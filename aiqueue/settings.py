@@ -156,7 +156,15 @@ RQ = {"COMMIT_MODE": "on_db_commit"}
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "aiqueue:ch:", "capacity": 1000},
+        "CONFIG": {
+            # redis-py 8 reads with a 5 s socket timeout by default, and channels-redis waits
+            # for a websocket's next message with a 5 s BZPOPMIN: an idle socket's read timed
+            # out, its consumer died and the browser reconnected (1006) every ~5 s. Longer
+            # than the blocking read, still finite (a dead Redis must not hang a consumer).
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            "prefix": "aiqueue:ch:",
+            "capacity": 1000,
+        },
     }
 }
 

@@ -386,3 +386,22 @@ def test_the_raw_reads_of_a_publish_match_the_orm(
         tuple(getattr(a, f) for f in ledger_fields) for a in job.attempts.select_related("provider")
     ]
     assert live.job_ledger(Job(pk=job.pk, attempt_count=0)) == []
+
+
+def test_an_idle_socket_stays_open_past_the_channel_layers_blocking_read(
+    redis_conn, client, workload, user
+):
+    # channels-redis waits 5 s per BZPOPMIN; redis-py 8 gave that read a 5 s socket timeout,
+    # so every idle consumer died with TimeoutError after ~5 s (the browser saw 1006).
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        assert await comm.receive_nothing(timeout=12, interval=0.5)  # idle, and not closed
+        await database_sync_to_async(services.do_cancel_job)(job, actor=user, reason="late")
+        assert 'data-status="cancelled"' in await comm.receive_from(timeout=5)
+        await comm.disconnect()
+
+    run(scenario)
