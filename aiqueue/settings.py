@@ -159,9 +159,13 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             # redis-py 8 reads with a 5 s socket timeout by default, and channels-redis waits
             # for a websocket's next message with a 5 s BZPOPMIN: an idle socket's read timed
-            # out, its consumer died and the browser reconnected (1006) every ~5 s. Longer
-            # than the blocking read, still finite (a dead Redis must not hang a consumer).
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            # out, its consumer died and the browser reconnected (1006) every ~5 s. No read
+            # timeout, as with redis-py 7 (redis/redis-py#4091): a finite one (15 s) fixed
+            # that but, on Python 3.11, a consumer cancelled during its timed read kept
+            # reading, so a closed socket's receive loop never ended and the server could not
+            # stop. A Redis that goes away closes the connection (ConnectionError: the page
+            # reconnects and re-fetches); TCP keepalive covers a silent network.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": None, "socket_keepalive": True}],
             "prefix": "aiqueue:ch:",
             "capacity": 1000,
         },
