@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from batches.models import Batch, BatchRow
 from batches.parsing import parse_upload
-from jobs import kinds, services
+from jobs import kinds, live, services
 from jobs.models import Job, Workload
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def _set_status(batch: Batch, from_statuses, to_status: str, **fields) -> bool:
         batch.status = to_status
         for name, value in fields.items():
             setattr(batch, name, value)
+        live.stale_on_commit(live.batch_group(batch.pk))
     return bool(updated)
 
 
@@ -258,10 +259,15 @@ def admit(batch_id: int) -> int:
                 # Workload paused or budget refused: keep the rows pending and say why; the
                 # next pass tries again.
                 Batch.objects.filter(pk=batch.pk).update(admission_error=str(exc)[:300])
+                live.stale_on_commit(live.batch_group(batch.pk))
                 break
             row.job = job
             row.save(update_fields=["job"])
             admitted += 1
+        if admitted:
+            # Wave jobs are created without a publish each (services.do_submit_job's
+            # `publish`): the batch's page hears of them once.
+            live.stale_on_commit(live.batch_group(batch.pk))
         if admitted and batch.admission_error:
             Batch.objects.filter(pk=batch.pk).update(admission_error="")
         if not rows and in_flight == 0 and not _has_open_jobs(batch):

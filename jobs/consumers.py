@@ -19,7 +19,9 @@ from jobs.views import can_change_job, visible_jobs
 FORBIDDEN = 4403
 
 
-class _LiveConsumer(AsyncWebsocketConsumer):
+class LiveConsumer(AsyncWebsocketConsumer):
+    """Base of every page's consumer: joins the one group `authorize` names, or closes 4403."""
+
     groups_joined: list[str]
 
     async def connect(self) -> None:
@@ -46,8 +48,12 @@ class _LiveConsumer(AsyncWebsocketConsumer):
         for group in self.groups_joined:
             await self.channel_layer.group_discard(group, self.channel_name)
 
+    async def live_stale(self, event: dict) -> None:
+        """The page's live region changed (jobs.live.stale_on_commit): it re-fetches it."""
+        await self.send(text_data=event["html"])
 
-class JobConsumer(_LiveConsumer):
+
+class JobConsumer(LiveConsumer):
     """``/ws/jobs/<code>/``: one job's page, for users who may see that job."""
 
     def authorize(self, user) -> str | None:
@@ -65,7 +71,7 @@ class JobConsumer(_LiveConsumer):
         await self.send(text_data=event["html"])
 
 
-class JobListConsumer(_LiveConsumer):
+class JobListConsumer(LiveConsumer):
     """``/ws/jobs/?parts=row,counters``: the job list and the dashboard. Operators follow every
     job, everyone else only their own; the page names the parts it has targets for."""
 

@@ -16,6 +16,11 @@ Groups (consumers in jobs/consumers.py join them):
   so no page receives fragments it has no target for. To make another page region live, add a
   renderer to ``LIST_PARTS`` and the part name to that page's ``ws-connect`` URL. Part ``new``
   (only when a job is created) tells the list page to re-fetch its table.
+- ``batch-<pk>`` (the batch's page, for users who may see the batch; batches/consumers.py) and
+  ``review-inbox`` (the inbox, for reviewers; review/consumers.py): messages ``live.stale`` say
+  only that the page's live region changed (``STALE_HTML``); the page re-fetches it, at most
+  once a second. A batch of thousands of rows or an inbox of hundreds of items changes too
+  often, and is too costly to render, to push its HTML on every change.
 
 Everything is rendered once per publish in the publishing process (worker or web), from the same
 ``{% partialdef %}`` the page renders on first load.
@@ -33,6 +38,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.template.loader import render_to_string
 
@@ -55,6 +61,13 @@ def job_group(code: Any) -> str:
 
 def user_group(user_pk: int) -> str:
     return f"jobs-user-{user_pk}"
+
+
+REVIEW_GROUP = "review-inbox"
+
+
+def batch_group(batch_pk: int) -> str:
+    return f"batch-{batch_pk}"
 
 
 def list_group_for(user) -> str:
@@ -133,6 +146,32 @@ def listened(groups: list[str]) -> set[str]:
         log.warning("live: could not read group membership; publishing anyway", exc_info=True)
         return set(groups)
     return {group for group, count in zip(groups, counts, strict=True) if count}
+
+
+# The whole of a `live.stale` message: swapped out-of-band onto the page's own marker, which
+# static/js/live.js takes as "re-fetch the live regions" (at most once a second).
+STALE_HTML = '<span id="live-stale" data-live-stale hidden hx-swap-oob="true"></span>'
+STALE_MESSAGE = {"type": "live.stale", "html": STALE_HTML}
+
+
+def stale_on_commit(group: str) -> None:
+    """Tell the pages in `group` that their live region changed, once the current transaction
+    commits (at once outside one). Many calls in one transaction send one message: a
+    callback already registered for the group is found in Django's on-commit list (which a
+    rollback empties). Never raises, like every publish."""
+    registered = transaction.get_connection().run_on_commit
+    if any(getattr(entry[1], "stale_group", None) == group for entry in registered):
+        return
+
+    def send_stale() -> None:
+        try:
+            if listened([group]):
+                send([(group, STALE_MESSAGE)])
+        except Exception:
+            log.warning("live: stale notice to %s failed", group, exc_info=True)
+
+    send_stale.stale_group = group  # type: ignore[attr-defined]
+    transaction.on_commit(send_stale)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -295,8 +334,11 @@ def render_list_updates(
 
 
 def _groups(job: Job) -> list[str]:
-    """Every group that shows `job`: its own page, then the lists that see it."""
-    return [job_group(job.code), *(group for group, _ in list_groups(job))]
+    """Every group that shows `job`: its own page, the lists that see it, its batch's page."""
+    groups = [job_group(job.code), *(group for group, _ in list_groups(job))]
+    if job.batch_id is not None:
+        groups.append(batch_group(job.batch_id))
+    return groups
 
 
 def publish_job(job_or_pk: Job | int, *, created: bool = False) -> bool:
@@ -329,6 +371,8 @@ def publish_job(job_or_pk: Job | int, *, created: bool = False) -> bool:
             # The job's own page first: it should not wait for the list and counters to render.
             sent = send([(job_group(job.code), render_job_update(job))])
         updates = render_list_updates(job, created=created, only=watched)
+        if job.batch_id is not None and batch_group(job.batch_id) in watched:
+            updates.append((batch_group(job.batch_id), STALE_MESSAGE))
         return (send(updates) if updates else True) and sent
     except Exception:
         log.warning("live render of job pk=%s failed", job_pk, exc_info=True)

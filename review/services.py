@@ -19,7 +19,7 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from jobs import queueing
+from jobs import live, queueing
 from jobs.flow import budgets
 from jobs.models import Job, JobEvent
 from jobs.services import stop_chunks, transition
@@ -72,7 +72,14 @@ def do_escalate(
             confidence=job.confidence,
         )
         transaction.on_commit(notifications.item_arrived)
+        _inbox_changed()
     return item
+
+
+def _inbox_changed() -> None:
+    """An item arrived, was claimed, released or closed: open inbox pages re-fetch their
+    table once this transaction commits (jobs.live)."""
+    live.stale_on_commit(live.REVIEW_GROUP)
 
 
 # --------------------------------------------------------------------------- claims
@@ -140,7 +147,9 @@ def release_expired_claims(now: datetime | None = None) -> int:
 
 
 def _note(item: ReviewItem, actor, reason: str, *, now: datetime | None = None) -> None:
-    """An audit event that is not a status change (the status is written on both sides)."""
+    """An audit event that is not a status change (the status is written on both sides): a
+    claim taken, released or expired, which the inbox shows."""
+    _inbox_changed()
     status = Job.objects.filter(pk=item.job_id).values_list("status", flat=True).first() or ""
     JobEvent.objects.create(
         job_id=item.job_id,
@@ -198,6 +207,7 @@ def _resolve(
         )
         if not won:
             raise ReviewError("The job is no longer waiting for review.")
+        _inbox_changed()
         if to_status != Job.Status.QUEUED:
             # Settled here rather than by a run: its document or batch moves on now, as after
             # a run, instead of at its next periodic check (up to 2 minutes for a document).
@@ -375,6 +385,7 @@ def do_withdraw(job: Job, actor, *, reason: str) -> bool:
             **_done_fields(),
         )
         if won:
+            _inbox_changed()
             ReviewItem.objects.filter(job=job, status=ReviewItem.Status.OPEN).update(
                 status=ReviewItem.Status.RESOLVED,
                 resolution=ReviewItem.Resolution.WITHDRAWN,

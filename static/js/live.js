@@ -37,11 +37,13 @@
         "input[type=checkbox][value='" + CSS.escape(box.value) + "']");
       if (fresh) fresh.checked = true;
     });
-    // A job was created: re-fetch the list, at most once a second (a CSV upload creates many).
-    var live = target.hasAttribute("data-live-new") && container(event);
-    if (!live || live.liveNewPending) return;
-    live.liveNewPending = setTimeout(function () {
-      live.liveNewPending = null;
+    // The page's marker says its regions are stale (a job was created on the list; a batch or
+    // the review inbox changed): re-fetch them, at most once a second, and always after the
+    // last notice (a CSV upload creates many jobs, a batch settles many rows).
+    var live = target.hasAttribute("data-live-stale") && container(event);
+    if (!live || live.liveStalePending) return;
+    live.liveStalePending = setTimeout(function () {
+      live.liveStalePending = null;
       refresh(live);
     }, 1000);
   });

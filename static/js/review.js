@@ -66,16 +66,29 @@
     }
   });
 
-  // The inbox refreshes every 5 s by replacing its table; skip a refresh while the reviewer has
-  // ticked boxes or is typing a bulk reason, so their selection is not thrown away.
+  // The inbox replaces its table when told it changed (live.js); skip that while the reviewer
+  // has ticked boxes or is typing a bulk reason, so their selection is not thrown away, and
+  // catch up once the last box is unticked.
   document.addEventListener("htmx:beforeRequest", function (event) {
     var table = document.getElementById("review-table");
     if (!table || event.detail.elt !== table) return;
     var busy = table.querySelector("input[type=checkbox]:checked") ||
       (document.activeElement && table.contains(document.activeElement) && typing(document.activeElement));
-    if (busy) event.preventDefault();
+    if (busy) {
+      event.preventDefault();
+      table.dataset.stale = "1";
+    }
   });
-  document.addEventListener("htmx:afterSwap", function () {
+  document.addEventListener("change", function (event) {
+    var table = document.getElementById("review-table");
+    if (!table || !table.dataset.stale || !table.contains(event.target)) return;
+    if (table.querySelector("input[type=checkbox]:checked")) return;
+    delete table.dataset.stale;
+    htmx.trigger(table, "live-refresh");
+  });
+  // After settle, not swap: htmx restores the fresh rows' attributes when it settles (~20 ms
+  // later), which would take the highlight off again.
+  document.addEventListener("htmx:afterSettle", function () {
     if (document.querySelector("tr[data-href]") && selected >= 0 && document.body.dataset.reviewMoved) highlight();
   });
   document.addEventListener("keydown", function (event) {

@@ -108,3 +108,24 @@ def test_reviewer_works_three_items_with_the_keyboard(
     assert {approve_job.output_text, edit_job.output_text} <= {SCRIPT, IMG}
     assert page.locator("img[src=x]").count() == 0
     assert dialogs == []
+
+
+def test_inbox_shows_a_new_item_when_told_without_polling(
+    live_app, page, simulator, classify_workload, user
+):
+    make_reviewer("rita")
+    log_in(page, live_app, "rita", "pw-rita-123")
+    page.goto(f"{live_app.url}/review/")
+    expect(page.locator(".all-clear")).to_be_visible()
+    time.sleep(1.5)  # the socket opens and the page re-fetches its table once
+    fetches: list[str] = []
+    page.on("request", lambda request: fetches.append(request.url))
+
+    time.sleep(7)  # longer than the 5 s the inbox used to poll at (and an idle socket lasted)
+    assert not [url for url in fetches if "/review/" in url]  # quiet: no poll, no reconnect
+
+    job = submit_and_wait_for_review(classify_workload, user, "Win a prize [[low-confidence]]")
+    item = ReviewItem.objects.get(job=job)
+    expect(page.locator(f"#review-row-{item.pk}")).to_be_visible(timeout=5_000)
+    expect(page.locator(".live-note")).to_be_hidden()  # it came over the socket
+    assert len([url for url in fetches if "/review/" in url]) == 1

@@ -13,8 +13,14 @@ from django.contrib.auth.models import Permission, User
 from django.db import transaction
 
 from aiqueue.asgi import application
+from batches import services as batch_services
+from batches.models import Batch
 from jobs import live, services
 from jobs.models import Job, JobEvent
+from review.models import ReviewItem
+from tests.review.conftest import classify_workload, make_reviewer
+
+__all__ = ["classify_workload"]  # the fixture, shared with tests/review
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,6 +29,12 @@ ORIGIN = b"http://127.0.0.1:8000"
 
 def submit(workload, user, text="The quarterly meeting covered hiring and budget.") -> Job:
     return services.do_submit_job(workload=workload, input_text=text, user=user)[0]
+
+
+def make_batch(workload, user) -> Batch:
+    return batch_services.do_create_batch(
+        workload=workload, filename="notes.csv", data=b"input\nfirst note\nsecond note\n", user=user
+    )
 
 
 def session_cookie(client, user) -> bytes:
@@ -185,7 +197,7 @@ def test_list_is_told_about_a_new_job_only_when_it_asked(redis_conn, client, wor
         later_html = await asked.receive_from(timeout=5)
         await asked.disconnect()
         await rows_only.disconnect()
-        assert '<span id="job-list-new" data-live-new hidden hx-swap-oob="true">' in asked_html
+        assert '<span id="job-list-new" data-live-stale hidden hx-swap-oob="true">' in asked_html
         assert "job-list-new" not in rows_html
         assert f"job-row-{job.code}" in rows_html
         assert "job-list-new" not in later_html  # a status change is a row swap, no re-fetch
@@ -386,6 +398,91 @@ def test_the_raw_reads_of_a_publish_match_the_orm(
         tuple(getattr(a, f) for f in ledger_fields) for a in job.attempts.select_related("provider")
     ]
     assert live.job_ledger(Job(pk=job.pk, attempt_count=0)) == []
+
+
+# --------------------------------------------------------------------------- stale notices
+
+
+def test_batch_and_inbox_sockets_refuse_who_may_not_see_them(
+    redis_conn, client, workload, user, other_user
+):
+    batch = make_batch(workload, user)
+    outsider = session_cookie(client, other_user)  # not the batch's owner, not a reviewer
+
+    async def scenario():
+        await assert_closed_forbidden(communicator(f"/ws/batches/{batch.code}/"))
+        await assert_closed_forbidden(communicator("/ws/review/"))
+        await assert_closed_forbidden(communicator(f"/ws/batches/{batch.code}/", outsider))
+        await assert_closed_forbidden(communicator(f"/ws/batches/{uuid.uuid4()}/", outsider))
+        await assert_closed_forbidden(communicator("/ws/review/", outsider))
+
+    run(scenario)
+
+
+def test_batch_page_is_told_when_the_batch_or_one_of_its_jobs_changes(
+    redis_conn, client, workload, user
+):
+    batch, other = make_batch(workload, user), make_batch(workload, user)
+    cookie = session_cookie(client, user)
+
+    async def scenario():
+        comm = communicator(f"/ws/batches/{batch.code}/", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        bystander = communicator(f"/ws/batches/{other.code}/", cookie)
+        assert (await bystander.connect(timeout=5))[0]
+
+        # Started: one notice for the status and the whole first wave (one transaction each).
+        await database_sync_to_async(batch_services.do_start_batch)(batch)
+        assert await comm.receive_from(timeout=5) == live.STALE_HTML
+        assert await comm.receive_from(timeout=5) == live.STALE_HTML
+        assert await comm.receive_nothing(timeout=0.5)
+        # One of its jobs changed (a worker's publish).
+        job = await database_sync_to_async(Job.objects.filter(batch=batch).first)()
+        await database_sync_to_async(services.do_cancel_job)(job, actor=user)
+        assert await comm.receive_from(timeout=5) == live.STALE_HTML
+        await database_sync_to_async(batch_services.do_pause_batch)(batch)
+        assert await comm.receive_from(timeout=5) == live.STALE_HTML
+        assert await bystander.receive_nothing(timeout=0.5)  # another batch hears nothing
+        await comm.disconnect()
+        await bystander.disconnect()
+
+    run(scenario)
+
+
+def test_inbox_is_told_of_an_escalation_once_per_transaction_and_never_on_rollback(
+    redis_conn, client, classify_workload, user, run_worker
+):
+    cookie = session_cookie(client, make_reviewer("rita"))
+
+    def twice_then_roll_back() -> None:
+        with transaction.atomic():
+            live.stale_on_commit(live.REVIEW_GROUP)
+            live.stale_on_commit(live.REVIEW_GROUP)
+            transaction.set_rollback(True)
+
+    def twice_in_one_transaction() -> None:
+        with transaction.atomic():
+            live.stale_on_commit(live.REVIEW_GROUP)
+            live.stale_on_commit(live.REVIEW_GROUP)
+
+    def escalate() -> None:
+        submit(classify_workload, user, "Buy now [[low-confidence]]")
+        run_worker()
+
+    async def scenario():
+        comm = communicator("/ws/review/", cookie)
+        assert (await comm.connect(timeout=5))[0]
+        await database_sync_to_async(twice_then_roll_back)()
+        assert await comm.receive_nothing(timeout=0.5)
+        await database_sync_to_async(twice_in_one_transaction)()
+        assert await comm.receive_from(timeout=5) == live.STALE_HTML
+        assert await comm.receive_nothing(timeout=0.5)
+        await database_sync_to_async(escalate)()
+        assert await comm.receive_from(timeout=5) == live.STALE_HTML
+        await comm.disconnect()
+
+    run(scenario)
+    assert ReviewItem.objects.filter(reason="low_confidence").count() == 1
 
 
 def test_an_idle_socket_stays_open_past_the_channel_layers_blocking_read(
