@@ -20,7 +20,6 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from jobs import documents, kinds, services
 from jobs.models import ApiToken, Job, Workload
@@ -32,6 +31,25 @@ TOKEN_USE_RESOLUTION = timedelta(minutes=1)
 
 def error(status: int, message: str, **extra) -> JsonResponse:
     return JsonResponse({"error": message, **extra}, status=status)
+
+
+def allow(*methods: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """Like Django's require_http_methods, but the 405 is JSON, as every API error is."""
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            if request.method not in methods:
+                response = error(
+                    405, f"{request.method} is not allowed here; use {' or '.join(methods)}."
+                )
+                response["Allow"] = ", ".join(methods)
+                return response
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
 
 
 def api_auth(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -97,7 +115,7 @@ def job_json(request: HttpRequest, job: Job) -> dict:
     }
 
 
-@require_POST
+@allow("POST")
 @api_auth
 def submit(request: HttpRequest) -> HttpResponse:
     try:
@@ -199,7 +217,7 @@ def _parse_time(body: dict, name: str) -> datetime | None:
     return value
 
 
-@require_POST
+@allow("POST")
 @api_auth
 def cancel(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
     job = visible_jobs(request.user).filter(code=code).first()
@@ -213,7 +231,7 @@ def cancel(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
     return JsonResponse(job_json(request, job))
 
 
-@require_GET
+@allow("GET", "HEAD")
 @api_auth
 def detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
     job = visible_jobs(request.user).filter(code=code).first()

@@ -5,6 +5,7 @@ import json
 import pytest
 from django.test import Client
 
+from jobs import services
 from jobs.models import ApiToken, Job
 
 
@@ -207,3 +208,21 @@ def test_an_unknown_api_address_answers_json_404(client, token):
         assert response.status_code == 404
         assert response["Content-Type"] == "application/json"
         assert "No such API endpoint" in response.json()["error"]
+
+
+def test_a_wrong_method_answers_json_405_naming_the_allowed_ones(client, token, workload, user):
+    job = services.do_submit_job(workload=workload, input_text="A note.", user=user)[0]
+    auth = {"Authorization": f"Bearer {token}"}
+    for method, path, allowed in (
+        ("get", "/api/jobs", "POST"),
+        ("post", f"/api/jobs/{job.code}", "GET, HEAD"),
+        ("get", f"/api/jobs/{job.code}/cancel", "POST"),
+    ):
+        response = getattr(client, method)(path, headers=auth)
+        assert response.status_code == 405
+        assert response["Content-Type"] == "application/json"
+        assert response["Allow"] == allowed
+        assert "is not allowed here" in response.json()["error"]
+    response = client.get("/api/jobs")  # no credentials: still JSON, never the HTML page
+    assert response.status_code in (401, 405)
+    assert response["Content-Type"] == "application/json"
