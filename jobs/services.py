@@ -253,12 +253,19 @@ def _admit_at_submit(job: Job, start_at: datetime | None) -> str:
     fields: dict[str, Any] = {}
     reason = "submitted"
     if exhausted is not None:
+        need = budgets.estimate_for(job).nanos
+        never = budgets.never_fits_message(exhausted, need)
         if exhausted.on_exhausted == Budget.OnExhausted.REJECT:
+            if never is not None:  # not "try later": no renewal lets it in
+                raise SubmitError(
+                    f"Not submitted: {never}, or the workload's max output tokens or the input "
+                    "made smaller."
+                )
             raise Overloaded(
                 budgets.reject_message(exhausted),
                 retry_after=budgets.seconds_until_renewal(exhausted),
             )
-        why = budgets.hold_reason(exhausted)
+        why = budgets.hold_reason(exhausted, need)
         fields = {"status": Job.Status.HELD, "stage": "held", "wait_reason": why[:200]}
         reason = f"submitted; {why}"
     elif start_at is not None and start_at > timezone.now():

@@ -301,11 +301,28 @@ def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
     return reserve(job, need, applicable)
 
 
+def _usd(amount: Decimal) -> str:
+    # Calls cost fractions of a cent: four decimals printed a used budget as "0.0000".
+    return f"{amount:.6f}"
+
+
 def reject_message(budget: Budget) -> str:
     return (
-        f"Budget {budget.name!r} is exhausted ({budget.spent_usd + budget.reserved_usd:.4f} of "
-        f"{budget.cap_usd} USD used this {budget.period}). Nothing was submitted; the budget "
-        "renews at the start of the next period or when an operator raises it."
+        f"Budget {budget.name!r} is exhausted ({_usd(budget.spent_usd + budget.reserved_usd)} "
+        f"of {_usd(budget.cap_usd)} USD used this {budget.period}). Nothing was submitted; the "
+        "budget renews at the start of the next period or when an operator raises it."
+    )
+
+
+def never_fits_message(budget: Budget, nanos: int) -> str | None:
+    """Why a job can never run under `budget` as it stands, or None: one call of it may cost
+    more than the budget's whole cap, so no renewal helps (only a higher cap)."""
+    if nanos <= budget.cap_nanos:
+        return None
+    return (
+        f"a call may cost up to {_usd(nanos_to_usd(nanos))} USD, more than budget "
+        f"{budget.name!r} allows in a whole {budget.period} ({_usd(budget.cap_usd)} USD): it "
+        "runs only once the cap is raised"
     )
 
 
@@ -396,10 +413,14 @@ def release_leaked() -> int:
 # --- held jobs ------------------------------------------------------------------------------
 
 
-def hold_reason(budget: Budget) -> str:
+def hold_reason(budget: Budget, nanos: int = 0) -> str:
+    """Why a job needing `nanos` is held on `budget` (said on its page and in the audit)."""
+    never = never_fits_message(budget, nanos)
+    if never is not None:
+        return f"held: {never}"
     return (
-        f"budget {budget.name!r} exhausted ({budget.spent_usd + budget.reserved_usd:.4f} of "
-        f"{budget.cap_usd} USD this {budget.period}); held until it frees"
+        f"budget {budget.name!r} exhausted ({_usd(budget.spent_usd + budget.reserved_usd)} of "
+        f"{_usd(budget.cap_usd)} USD this {budget.period}); held until it frees"
     )
 
 

@@ -287,3 +287,36 @@ def test_a_second_paid_call_is_reserved_first_or_the_job_is_held(
     assert job.status == "needs_review"  # the simulator's JSON stays invalid: a human decides
     assert budget.spent_nanos == budgets.usd_to_nanos(job.cost_actual)
     assert budget.reserved_nanos == 0
+
+
+def test_a_job_dearer_than_the_whole_cap_says_so_rejected_or_held(redis_conn, workload, user):
+    worst = budgets.estimate(workload, TEXT).nanos  # 200 output tokens at $2/M: ~$0.0004
+    budget = make_budget(cap=Decimal("0.0001"), on_exhausted="reject", period="day")
+    assert worst > budget.cap_nanos
+    dearer = f"may cost up to {Decimal(worst) / 10**9:.6f} USD, more than budget"
+    whole = "allows in a whole day (0.000100 USD): it runs only once the cap is raised"
+
+    # Rejecting: not "exhausted, renews next period" (a 429 to retry later): it never fits.
+    with pytest.raises(services.SubmitError) as refused:
+        submit(workload, user)
+    assert dearer in str(refused.value)
+    assert whole in str(refused.value)
+    assert not Job.objects.exists()
+
+    # Holding: held (the operator may raise the cap), and its page says why it waits.
+    Budget.objects.filter(pk=budget.pk).update(on_exhausted="hold")
+    held = submit(workload, user)
+    assert held.status == "held"
+    assert dearer in held.wait_reason
+    assert whole in held.wait_reason
+
+
+def test_exhausted_messages_show_what_a_call_costs_not_zero(redis_conn, workload, user):
+    budget = make_budget(cap=cap_for(workload, 1.5), on_exhausted="hold")
+    submit(workload, user)
+    held = submit(workload, user)
+    assert held.status == "held"
+    budget.refresh_from_db()
+    used = budget.reserved_usd
+    assert 0 < used < Decimal("0.001")
+    assert f"({used:.6f} of {budget.cap_usd:.6f} USD this month)" in held.wait_reason
