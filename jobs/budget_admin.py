@@ -14,6 +14,11 @@ from django.utils.html import format_html
 from jobs.models import Attempt, Budget
 
 
+def _usd(budget: Budget, amount: Decimal) -> str:
+    """6 decimals (calls cost fractions of a cent); '—' on the add form, and never '0E-8'."""
+    return "—" if budget.pk is None else f"{amount:.6f}"
+
+
 @admin.register(Budget)
 class BudgetAdmin(admin.ModelAdmin):
     list_display = [
@@ -50,19 +55,21 @@ class BudgetAdmin(admin.ModelAdmin):
         return obj.workload.name if obj.workload_id else "global"
 
     @admin.display(description="spent (USD)")
-    def spent(self, obj: Budget) -> Decimal:
-        return obj.spent_usd
+    def spent(self, obj: Budget) -> str:
+        return _usd(obj, obj.spent_usd)
 
     @admin.display(description="reserved (USD)")
-    def reserved(self, obj: Budget) -> Decimal:
-        return obj.reserved_usd
+    def reserved(self, obj: Budget) -> str:
+        return _usd(obj, obj.reserved_usd)
 
     @admin.display(description="remaining (USD)")
-    def remaining(self, obj: Budget) -> Decimal:
-        return obj.remaining_usd
+    def remaining(self, obj: Budget) -> str:
+        return _usd(obj, obj.remaining_usd)
 
     @admin.display(description="used")
     def usage(self, obj: Budget) -> str:
+        if obj.pk is None:
+            return "—"  # the add form: nothing is used yet (not "100 % (alert)" of a 0 cap)
         percent = f"{obj.used_fraction * 100:.0f}%"
         if obj.is_alerting:
             return format_html('<strong style="color:#c0392b">{} (alert)</strong>', percent)

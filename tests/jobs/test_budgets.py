@@ -237,10 +237,14 @@ def test_admin_shows_spent_reserved_and_remaining(admin_client, redis_conn, work
     submit(workload, user)
     budget.refresh_from_db()
     page = admin_client.get("/admin/jobs/budget/").content.decode()
-    assert str(budget.reserved_usd) in page
-    assert str(budget.remaining_usd) in page
+    assert f"{budget.reserved_usd:.6f}" in page
+    assert f"{budget.remaining_usd:.6f}" in page
+    assert '<td class="field-spent">0.000000</td>' in page  # not "0E-8"
     detail = admin_client.get(f"/admin/jobs/budget/{budget.pk}/change/").content.decode()
     assert "see the ledger" in detail
+    blank = admin_client.get("/admin/jobs/budget/add/").content.decode()
+    assert "0E-" not in blank
+    assert "(alert)" not in blank  # a budget not yet saved uses nothing
 
 
 def test_a_second_paid_call_is_reserved_first_or_the_job_is_held(
