@@ -9,10 +9,24 @@ from jobs.models import Job, Priority, Workload
 from jobs.services import MAX_INPUT_CHARS
 
 
+class WorkloadChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, obj: Workload) -> str:
+        return f"{obj.name} (paused)" if obj.is_paused else obj.name
+
+
+# Pausing refuses new submissions (services.do_submit_job); the jobs already submitted wait
+# (jobs.admission) until an operator resumes the workload.
+PAUSED_MESSAGE = (
+    "{name} is paused by an operator: it takes no new jobs until it is resumed. "
+    "Choose another workload, or try again later."
+)
+
+
 class SubmitJobForm(forms.Form):
-    workload = forms.ModelChoiceField(
-        queryset=Workload.objects.filter(is_paused=False), empty_label=None
-    )
+    # Paused workloads stay in the list, marked, so a link to one (or a pause while the form
+    # is open) shows that workload and why it takes no jobs, instead of silently showing
+    # another workload's name over this one's fields.
+    workload = WorkloadChoiceField(queryset=Workload.objects.all(), empty_label=None)
     input_text = forms.CharField(
         label="Input",
         widget=forms.Textarea(attrs={"rows": 8}),
@@ -65,13 +79,25 @@ class SubmitJobForm(forms.Form):
                     )
 
     def _chosen_workload(self) -> Workload | None:
+        """The workload whose description and fields the form shows: the one asked for (the
+        posted choice, else `?workload=`), else the first that takes jobs. The select shows
+        the same one, so the posted choice always matches the fields typed into."""
         field = self.fields["workload"]
         raw = self.data.get(self.add_prefix("workload")) if self.is_bound else None
         raw = raw or self.initial.get("workload")
         if isinstance(raw, Workload):
-            return raw
+            raw = raw.pk
         chosen = field.queryset.filter(pk=raw).first() if str(raw or "").isdigit() else None
-        return chosen or field.queryset.first()
+        return chosen or field.queryset.filter(is_paused=False).first() or field.queryset.first()
+
+    @property
+    def paused_notice(self) -> str:
+        """Why the chosen workload takes no jobs, said before anything is typed; empty once
+        the same words show as the workload's error (a submission that was refused)."""
+        workload = self.chosen_workload
+        if workload is None or not workload.is_paused or self.has_error("workload"):
+            return ""
+        return PAUSED_MESSAGE.format(name=workload.name)
 
     @property
     def per_kind_fields(self) -> list:
@@ -82,6 +108,14 @@ class SubmitJobForm(forms.Form):
     def common_fields(self) -> list:
         chosen = {f.name for f in self.per_kind_fields}
         return [f for f in self.visible_fields() if f.name not in chosen and f.name != "workload"]
+
+    def clean_workload(self) -> Workload:
+        # The same refusal as services.do_submit_job, but as the field's error, so the form
+        # comes back with this workload's fields and what was typed into them.
+        workload = self.cleaned_data["workload"]
+        if workload.is_paused:
+            raise forms.ValidationError(PAUSED_MESSAGE.format(name=workload.name))
+        return workload
 
     def clean_input_text(self) -> str:
         value = self.cleaned_data["input_text"]

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import QuerySet
+from django.db.models import (
+    DecimalField,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Coalesce
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
@@ -17,7 +28,7 @@ from jobs import dashboard as dashboard_data
 from jobs import documents, services
 from jobs.forms import JobFilterForm, SubmitJobForm
 from jobs.live import listed_jobs
-from jobs.models import Job, Workload
+from jobs.models import Job
 
 
 def visible_jobs(user) -> QuerySet[Job]:
@@ -49,15 +60,23 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 def job_list(request: HttpRequest) -> HttpResponse:
     form = JobFilterForm(request.GET or None)
-    jobs = listed_jobs(visible_jobs(request.user))  # one upload, one row: no chunks
-    if form.is_valid():
+    jobs = with_listed_cost(listed_jobs(visible_jobs(request.user)))  # one upload, one row
+    if form.is_bound:
+        # A bad value (a hand-edited or stale link) drops only its own filter: cleaned_data
+        # keeps the valid ones, and the table says which was ignored (form.errors).
+        form.is_valid()
         if (search := form.search()) is not None:
             jobs = jobs.filter(search)
-        if form.cleaned_data["status"]:
-            jobs = jobs.filter(status=form.cleaned_data["status"])
-        if form.cleaned_data["workload"]:
-            jobs = jobs.filter(workload=form.cleaned_data["workload"])
+        if status := form.cleaned_data.get("status"):
+            jobs = jobs.filter(status=status)
+        if workload := form.cleaned_data.get("workload"):
+            jobs = jobs.filter(workload=workload)
     page = Paginator(jobs, settings.AIQUEUE_JOBS_PER_PAGE).get_page(request.GET.get("page"))
+    # Only jobs this viewer may cancel get a bulk-action checkbox (the bulk view skips the
+    # others anyway): a reviewer sees everyone's jobs but may change only their own.
+    cancellable = {
+        job.pk for job in page.object_list if job.can_cancel() and can_change_job(request.user, job)
+    }
     query = request.GET.copy()
     query.pop("page", None)
     template = "jobs/list.html"
@@ -66,7 +85,24 @@ def job_list(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         template,
-        {"form": form, "page": page, "query": query.urlencode()},
+        {"form": form, "page": page, "query": query.urlencode(), "cancellable": cancellable},
+    )
+
+
+def with_listed_cost(jobs: QuerySet[Job]) -> QuerySet[Job]:
+    """Annotate `listed_cost`: what each job cost, with its chunks for a document (what
+    `Job.total_cost` says on its page), in the list's one query instead of one per row."""
+    chunks = (
+        Job.objects.filter(parent=OuterRef("pk"))
+        .order_by()
+        .values("parent")
+        .annotate(total=Sum("cost_actual"))
+        .values("total")
+    )
+    money = DecimalField(max_digits=14, decimal_places=8)
+    chunks_cost = Coalesce(Subquery(chunks, output_field=money), Value(Decimal(0)))
+    return jobs.annotate(
+        listed_cost=ExpressionWrapper(F("cost_actual") + chunks_cost, output_field=money)
     )
 
 
@@ -106,10 +142,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
                     messages.info(request, "This form was already submitted; here is that job.")
                 return redirect(job)
     else:
-        initial = {"idempotency_key": uuid.uuid4().hex}
-        workload = Workload.objects.filter(pk=request.GET.get("workload") or 0).first()
-        if workload:
-            initial["workload"] = workload
+        # `?workload=` (a dashboard link, the select's re-fetch): the form resolves it, paused
+        # or not, and ignores an id that is not one.
+        initial = {"idempotency_key": uuid.uuid4().hex, "workload": request.GET.get("workload")}
         form = SubmitJobForm(initial=initial)
     template = "jobs/new.html"
     if request.htmx and not request.htmx.boosted:

@@ -12,13 +12,19 @@ from review.validation import InvalidOutput, validate_output
 
 
 class InboxFilterForm(forms.Form):
+    # The labels name the filters to screen readers (templates/review/inbox.html hides them:
+    # each select's first option already says what it filters).
     reason = forms.ChoiceField(
-        choices=[("", "Any reason"), *ReviewItem.Reason.choices], required=False
+        label="Reason", choices=[("", "Any reason"), *ReviewItem.Reason.choices], required=False
     )
     workload = forms.ModelChoiceField(
-        queryset=Workload.objects.all(), required=False, empty_label="Any workload"
+        label="Workload",
+        queryset=Workload.objects.all(),
+        required=False,
+        empty_label="Any workload",
     )
     claim = forms.ChoiceField(
+        label="Claim",
         choices=[
             ("", "Claimed or not"),
             ("unclaimed", "Unclaimed"),
@@ -28,6 +34,7 @@ class InboxFilterForm(forms.Form):
         required=False,
     )
     sort = forms.ChoiceField(
+        label="Sort",
         choices=[("oldest", "Oldest first"), ("confidence", "Lowest confidence first")],
         required=False,
     )

@@ -29,13 +29,49 @@
     }
   }
 
+  function checkbox(root, name, value) {
+    return root.querySelector("input[type=checkbox][name='" + CSS.escape(name) + "'][value='" +
+      CSS.escape(value) + "']");
+  }
+
+  function tickedIn(root) {
+    return Array.prototype.map.call(root.querySelectorAll("input[type=checkbox]:checked"),
+      function (box) { return [box.name, box.value]; });
+  }
+
+  // A re-fetched region (data-live-refresh; it needs an id) keeps the ticks of the bulk-action
+  // boxes whose rows are still in it: the ticks are read just before the swap, so boxes ticked
+  // while the request was out are kept too. Keyed by id, since an outerHTML swap puts a new
+  // element in the old one's place.
+  var keptTicks = {};
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var region = event.detail.target;
+    if (!region || !region.id || !region.hasAttribute("data-live-refresh")) return;
+    delete keptTicks[region.id];
+    if (event.detail.shouldSwap) keptTicks[region.id] = tickedIn(region);
+  });
+  document.addEventListener("htmx:afterSwap", function (event) {
+    var region = event.target;
+    var ticks = region && region.id && keptTicks[region.id];
+    if (!ticks || !region.hasAttribute("data-live-refresh")) return;
+    delete keptTicks[region.id];
+    ticks.forEach(function (tick) {
+      var box = checkbox(region, tick[0], tick[1]);
+      if (box) box.checked = true;
+    });
+  });
+
   document.addEventListener("htmx:oobBeforeSwap", function (event) {
     var target = event.target;
-    // A row swapped in keeps the tick of its bulk-action checkbox.
-    target.querySelectorAll("input[type=checkbox]:checked").forEach(function (box) {
-      var fresh = event.detail.fragment.querySelector(
-        "input[type=checkbox][value='" + CSS.escape(box.value) + "']");
-      if (fresh) fresh.checked = true;
+    var fragment = event.detail.fragment;
+    // A row swapped in keeps the tick of its bulk-action checkbox. It is rendered once for
+    // everyone who follows the list, not for this viewer, so it may take a box away (the job
+    // finished) but never adds one the page did not render (the viewer may not act on that
+    // job); the next re-fetch, rendered for the viewer, shows any box that is due.
+    fragment.querySelectorAll("input[type=checkbox]").forEach(function (fresh) {
+      var box = checkbox(target, fresh.name, fresh.value);
+      if (!box) fresh.remove();
+      else if (box.checked) fresh.checked = true;
     });
     // The page's marker says its regions are stale (a job was created on the list; a batch or
     // the review inbox changed): re-fetch them, at most once a second, and always after the

@@ -38,6 +38,14 @@
   }
 
   document.addEventListener("keydown", function (event) {
+    // Enter in the bulk reject reason means "reject": left to the browser, it would submit
+    // the form with its first button, "Approve selected".
+    if (event.key === "Enter" && event.target.matches && event.target.matches("#bulk-form input[name=reason]")) {
+      event.preventDefault();
+      var reject = event.target.form.querySelector("button[value=reject]");
+      if (reject) event.target.form.requestSubmit(reject);
+      return;
+    }
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && typing(event.target)) {
       var form = event.target.form;
       if (form) { event.preventDefault(); form.requestSubmit(); }

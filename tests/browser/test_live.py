@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.contrib.auth.models import Permission, User
 from playwright.sync_api import expect
 
 from jobs import queueing, services
@@ -26,6 +27,13 @@ def submit_held_back(workload, user, monkeypatch) -> Job:
     job = services.do_submit_job(workload=workload, input_text=TEXT, user=user)[0]
     monkeypatch.setattr(queueing, "enqueue", enqueue)
     return job
+
+
+def open_live_page(page, url: str) -> None:
+    """Open a live page and wait until its socket is open: the page fetches its live regions
+    again then (static/js/live.js), with htmx's request header."""
+    with page.expect_response(lambda response: response.request.headers.get("hx-request")):
+        page.goto(url)
 
 
 def mark_page(page) -> None:
@@ -103,6 +111,50 @@ def test_job_list_and_dashboard_counters_update_without_reload(
     expect(dashboard.locator(".counter.status-succeeded .count")).to_have_text("2")
     expect_same_document(page)
     expect_same_document(dashboard)
+
+
+def test_ticked_boxes_survive_when_the_list_is_fetched_again(
+    live_app, page, user, workload, monkeypatch
+):
+    jobs = [submit_held_back(workload, user, monkeypatch) for _ in range(3)]
+    log_in(page, live_app, "alice", "pw-alice-123")
+    open_live_page(page, f"{live_app.url}/jobs/")
+    mark_page(page)
+    boxes = [page.locator(f"#job-row-{job.code} input[type=checkbox]") for job in jobs]
+    boxes[0].check()
+    boxes[2].check()
+
+    # A job submitted elsewhere makes the list fetch its whole table again.
+    newer = submit_held_back(workload, user, monkeypatch)
+    expect(page.locator("table.jobs tbody tr").first).to_have_id(f"job-row-{newer.code}")
+    expect(boxes[0]).to_be_checked()
+    expect(boxes[1]).not_to_be_checked()
+    expect(boxes[2]).to_be_checked()
+    expect(page.locator(f"#job-row-{newer.code} input[type=checkbox]")).not_to_be_checked()
+    expect_same_document(page)
+
+
+def test_pushed_row_adds_no_checkbox_for_a_job_the_viewer_may_not_cancel(
+    live_app, page, user, workload, simulator, monkeypatch
+):
+    # Like a reviewer: sees every job on the list (and its live updates), may cancel none of
+    # Alice's.
+    viewer = User.objects.create_user("vera", "vera@example.com", "pw-vera-123")
+    viewer.user_permissions.add(Permission.objects.get(codename="view_job"))
+    simulator.control(latency_ms=1500)
+    job = submit_held_back(workload, user, monkeypatch)
+    log_in(page, live_app, "vera", "pw-vera-123")
+    open_live_page(page, f"{live_app.url}/jobs/")
+    row = page.locator(f"#job-row-{job.code}")
+    expect(row.locator(".badge")).to_have_text("Queued")
+    expect(row.locator("input[type=checkbox]")).to_have_count(0)
+
+    queueing.enqueue(job)
+    # The pushed row (still cancellable while it runs) arrives in one swap with its badge.
+    expect(row.locator(".badge")).to_have_text("Running")
+    # At once, not expect(): the box would go anyway once the job has finished.
+    assert row.locator("input[type=checkbox]").count() == 0
+    expect(row.locator(".badge")).to_have_text("Succeeded", timeout=30_000)
 
 
 def test_page_is_correct_after_the_server_drops_the_websocket_and_comes_back(

@@ -129,3 +129,24 @@ def test_inbox_shows_a_new_item_when_told_without_polling(
     expect(page.locator(f"#review-row-{item.pk}")).to_be_visible(timeout=5_000)
     expect(page.locator(".live-note")).to_be_hidden()  # it came over the socket
     assert len([url for url in fetches if "/review/" in url]) == 1
+
+
+def test_enter_in_the_bulk_reject_reason_rejects_not_approves(
+    live_app, page, simulator, classify_workload, user
+):
+    make_reviewer("rita")
+    job = submit_and_wait_for_review(classify_workload, user, "Cheap pills [[low-confidence]]")
+    item = ReviewItem.objects.get(job=job)
+    log_in(page, live_app, "rita", "pw-rita-123")
+    page.goto(f"{live_app.url}/review/")
+    page.locator(f"#review-row-{item.pk} input[type=checkbox]").check()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+
+    page.locator("#bulk-form input[name=reason]").fill("spam, not a real message")
+    page.keyboard.press("Enter")
+
+    expect(page.locator(".all-clear")).to_be_visible()
+    assert dialogs == ["Reject the 1 selected output(s)? Their jobs fail with this reason."]
+    item.refresh_from_db()
+    assert (item.resolution, item.note) == ("rejected", "spam, not a real message")

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import django_rq
 import pytest
+from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
 from jobs import admission, reconcile, services
@@ -74,12 +75,24 @@ def test_form_says_the_queue_is_full_and_submits_nothing(user_client, workload, 
     assert Job.objects.count() == 1
 
 
-def test_rejecting_budget_answers_429_over_the_api(client, token, workload, redis_conn):
-    Budget.objects.create(name="none left", cap_usd=Decimal("0"), on_exhausted="reject")
+def test_rejecting_budget_answers_429_over_the_api(client, token, workload, redis_conn, user):
+    budget = Budget.objects.create(
+        name="one call", cap_usd=Decimal("0.0006"), on_exhausted="reject"
+    )
+    first = services.do_submit_job(workload=workload, input_text="x", user=user)[0]
+    assert 2 * first.cost_reserved > budget.cap_usd  # one job's worst case fits, two do not
     refused = post_job(client, token, {"workload": workload.name, "input": "x"})
     assert refused.status_code == 429
     assert int(refused["Retry-After"]) > 0
     assert "exhausted" in refused.json()["error"]
+    assert list(Job.objects.all()) == [first]
+
+
+def test_a_job_no_renewal_lets_in_answers_400_not_429(client, token, workload, redis_conn):
+    Budget.objects.create(name="frozen", cap_usd=Decimal("0"), on_exhausted="reject")
+    refused = post_job(client, token, {"workload": workload.name, "input": "x"})
+    assert refused.status_code == 400  # retrying later does not help: the cap must be raised
+    assert "runs only once the cap is raised" in refused.json()["error"]
     assert not Job.objects.exists()
 
 
@@ -237,6 +250,35 @@ def test_list_has_a_checkbox_per_cancellable_job(user_client, redis_conn, worklo
     page = user_client.get("/jobs/").content.decode()
     assert f'name="codes" value="{job.code}" form="bulk-cancel"' in page
     assert 'action="/jobs/cancel/"' in page
+
+
+def test_list_offers_checkboxes_only_for_jobs_the_viewer_may_cancel(
+    client, redis_conn, workload, user, operator
+):
+    # Like a reviewer: may see every job (view_job), may change only their own.
+    viewer = User.objects.create_user("vera", "vera@example.com", "pw-vera-123")
+    viewer.user_permissions.add(Permission.objects.get(codename="view_job"))
+    theirs = submit(workload, user)
+    client.force_login(viewer)
+
+    page = client.get("/jobs/").content.decode()
+    assert str(theirs.code)[:8] in page
+    assert 'name="codes"' not in page
+    assert "Cancel selected" not in page
+
+    own = submit(workload, viewer)
+    done = submit(workload, viewer)
+    Job.objects.filter(pk=done.pk).update(status="succeeded")
+    page = client.get("/jobs/").content.decode()
+    assert f'name="codes" value="{own.code}"' in page
+    assert f'value="{theirs.code}"' not in page
+    assert f'value="{done.code}"' not in page
+    assert "Cancel selected" in page
+
+    client.force_login(operator)  # may change every job
+    page = client.get("/jobs/").content.decode()
+    assert f'name="codes" value="{theirs.code}"' in page
+    assert f'name="codes" value="{own.code}"' in page
 
 
 def test_cancel_over_the_api(client, token, workload, redis_conn, run_worker, simulator):

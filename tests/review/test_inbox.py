@@ -8,6 +8,7 @@ from django.urls import reverse
 from jobs.models import Job
 from review import services
 from review.models import ReviewItem
+from tests.jobs.test_views import unnamed_filter_fields
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,3 +52,9 @@ def test_work_the_queue_with_nothing_left_says_all_clear(redis_conn, reviewer, c
     response = client.get(reverse("review:next"), follow=True)
     assert response.redirect_chain == [(reverse("review:inbox"), 302)]
     assert "All clear: nothing is waiting for review." in response.content.decode()
+
+
+def test_inbox_filters_have_accessible_names(redis_conn, reviewer, client):
+    client.force_login(reviewer)
+    body = client.get(reverse("review:inbox")).content.decode()
+    assert unnamed_filter_fields(body) == []
