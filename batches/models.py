@@ -98,3 +98,14 @@ class BatchRow(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch} row {self.number}"
+
+    @property
+    def field_values(self) -> list[str]:
+        """The row's cell for each input field of the workload, through the batch's mapping
+        (blank for a field without a column). Unlike `input_data`, set only for a valid row,
+        it shows what an invalid row holds too."""
+        mapping = self.batch.mapping
+        return [
+            str(self.data.get(mapping.get(name) or "", ""))
+            for name in self.batch.workload.input_fields
+        ]

@@ -136,9 +136,13 @@ def parse_csv(data: bytes, *, max_rows: int) -> ParsedFile:
 
 def parse_jsonl(data: bytes, *, max_rows: int) -> ParsedFile:
     parsed = ParsedFile(file_format="jsonl")
+    text = decode(data)
+    if "\x00" in text:
+        parsed.errors.append("The file holds NUL bytes: it is not a text JSONL file.")
+        return parsed
     columns: dict[str, None] = {}
     number = 0
-    for line in decode(data).splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         number += 1

@@ -74,10 +74,13 @@ def do_create_batch(
     priority: str = "",
 ) -> Batch:
     """Read the file and store every row as a pending BatchRow, in draft: nothing is queued
-    until `do_start_batch`."""
+    until `do_start_batch`. A file without a single data row is refused (BatchError)."""
     if workload.kind == Workload.Kind.DOCUMENT:
         raise BatchError("Document workloads take uploaded files, not batch rows.")
     parsed = parse_upload(filename, data, max_rows=settings.AIQUEUE_BATCH_MAX_ROWS)
+    if not parsed.rows:
+        # A draft without rows (binary, header only, unreadable) has nothing to map or run.
+        raise BatchError(parsed.errors[0] if parsed.errors else "The file has no data rows.")
     with transaction.atomic():
         batch = Batch.objects.create(
             workload=workload,
@@ -116,14 +119,21 @@ def validate_rows(batch: Batch) -> None:
     workload = batch.workload
     fields = workload.input_fields
     mapping = batch.mapping
-    problems = mapping_problems(batch)
+    # While a field has no column (mapping_problems) every row is invalid, and says why: the
+    # preview and the results CSV show each invalid row's reason.
+    unmapped = [
+        name for name in fields if not mapping.get(name) or mapping[name] not in batch.columns
+    ]
+    mapping_error = ""
+    if unmapped:
+        mapping_error = "no column for input field " + ", ".join(map(repr, unmapped))
     price = workload.provider.price_for(workload.model)
     total = Decimal(0)
     invalid = 0
     changed: list[BatchRow] = []
     for row in batch.rows.order_by("number").iterator(chunk_size=WRITE_CHUNK):
-        input_data, error = {}, row.parse_error
-        if not error and not problems:
+        input_data, error = {}, row.parse_error or mapping_error
+        if not error:
             for name in fields:
                 value = str(row.data.get(mapping[name], "") or "")
                 if not value.strip():
@@ -147,7 +157,7 @@ def validate_rows(batch: Batch) -> None:
             changed = []
     if changed:
         BatchRow.objects.bulk_update(changed, ["error", "input_data"])
-    batch.invalid_rows = invalid if not problems else batch.total_rows
+    batch.invalid_rows = invalid
     batch.estimated_cost = total
     batch.save(update_fields=["invalid_rows", "estimated_cost", "updated_at"])
 
@@ -307,6 +317,11 @@ def admit_running() -> int:
 
 @dataclass
 class Progress:
+    """Where every valid row of a batch stands. The counts add up to the valid rows and use
+    the statuses of the results CSV (batches.export): done is "succeeded", in review
+    "needs_review", failed "failed" or "expired", cancelled "cancelled" (a job cancelled, or a
+    row never queued because the batch was cancelled), remaining the rest."""
+
     total: int
     invalid: int
     pending: int
@@ -314,8 +329,13 @@ class Progress:
     done: int
     in_review: int
     failed: int
+    cancelled: int
     spent: Decimal
     eta: timedelta | None
+
+    @property
+    def valid(self) -> int:
+        return self.total - self.invalid
 
     @property
     def remaining(self) -> int:
@@ -323,12 +343,11 @@ class Progress:
 
     @property
     def settled(self) -> int:
-        return self.done + self.in_review + self.failed
+        return self.done + self.in_review + self.failed + self.cancelled
 
     @property
     def percent(self) -> int:
-        valid = self.total - self.invalid
-        return int(100 * self.settled / valid) if valid > 0 else 0
+        return int(100 * self.settled / self.valid) if self.valid > 0 else 0
 
 
 def progress(batch: Batch) -> Progress:
@@ -336,23 +355,22 @@ def progress(batch: Batch) -> Progress:
         in_flight=Count("id", filter=Q(status__in=IN_FLIGHT)),
         done=Count("id", filter=Q(status=Job.Status.SUCCEEDED)),
         in_review=Count("id", filter=Q(status=Job.Status.NEEDS_REVIEW)),
-        failed=Count(
-            "id",
-            filter=Q(status__in=[Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.EXPIRED]),
-        ),
+        failed=Count("id", filter=Q(status__in=[Job.Status.FAILED, Job.Status.EXPIRED])),
+        cancelled=Count("id", filter=Q(status=Job.Status.CANCELLED)),
         spent=Sum("cost_actual"),
     )
-    pending = 0
-    if batch.status != Batch.Status.CANCELLED:
-        pending = BatchRow.objects.filter(batch=batch, job__isnull=True, error="").count()
+    unqueued = BatchRow.objects.filter(batch=batch, job__isnull=True, error="").count()
+    # A cancelled batch never queues its remaining rows: they are cancelled, as the CSV says.
+    never_run = unqueued if batch.status == Batch.Status.CANCELLED else 0
     result = Progress(
         total=batch.total_rows,
         invalid=batch.invalid_rows,
-        pending=pending,
+        pending=unqueued - never_run,
         in_flight=jobs["in_flight"],
         done=jobs["done"],
         in_review=jobs["in_review"],
         failed=jobs["failed"],
+        cancelled=jobs["cancelled"] + never_run,
         spent=jobs["spent"] or Decimal(0),
         eta=None,
     )

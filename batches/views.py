@@ -152,8 +152,13 @@ def batch_cancel(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
     if batch.is_finished:
         messages.warning(request, f"The batch is {batch.get_status_display().lower()}.")
     else:
+        # A draft has no job to cancel: its button says "Discard", and so does the message.
+        was_draft = batch.status == Batch.Status.DRAFT
         cancelled = services.do_cancel_batch(batch, actor=request.user)
-        messages.success(request, f"Batch cancelled ({cancelled} job(s) in flight cancelled).")
+        if was_draft and not cancelled:
+            messages.success(request, "Batch discarded.")
+        else:
+            messages.success(request, f"Batch cancelled ({cancelled} job(s) in flight cancelled).")
     return redirect(batch)
 
 

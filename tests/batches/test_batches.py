@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from decimal import Decimal
 
 import pytest
@@ -150,6 +151,57 @@ def test_cancel_cancels_jobs_in_flight_and_pending_rows_never_run(
     assert simulator.counters()["requests_total"] == 0
     assert set(Job.objects.filter(batch=batch).values_list("status", flat=True)) == {"cancelled"}
     assert services.progress(batch).remaining == 0
+
+
+def test_a_batch_cancelled_mid_way_accounts_for_every_valid_row_as_its_csv_does(
+    redis_conn, sentiment, user, user_client, run_worker, simulator
+):
+    Workload.objects.filter(pk=sentiment.pk).update(confidence_threshold=0.5)
+    rows = [
+        ["product", "review"],
+        ["Kettle", "Fine"],
+        ["Lamp", "Awful [[refuse]]"],
+        ["Mug", "Unsure [[low-confidence]]"],
+        ["Toaster", ""],  # invalid
+    ] + [[f"Item {i}", "Fine"] for i in range(6)]
+    batch = make_batch(sentiment, user, rows)
+    Batch.objects.filter(pk=batch.pk).update(max_in_flight=4)
+    batch.refresh_from_db()
+    url = batch.get_absolute_url()
+
+    # The first wave settles while the batch is paused (the refusal is rejected in review);
+    # the second is queued when the batch is cancelled, and the last row was never queued.
+    services.do_start_batch(batch)
+    services.do_pause_batch(batch)
+    run_worker()
+    refused = ReviewItem.objects.get(job__batch=batch, job__input_data__product="Lamp")
+    review_services.do_claim(refused, user)
+    review_services.do_reject(refused, user, reason="refused")
+    services.do_resume_batch(batch)
+    user_client.post(f"/batches/{batch.code}/cancel/")
+    run_worker()
+    batch.refresh_from_db()
+    assert batch.status == "cancelled"
+
+    progress = services.progress(batch)
+    counts = {
+        "succeeded": progress.done,
+        "needs_review": progress.in_review,
+        "failed": progress.failed,
+        "cancelled": progress.cancelled,
+    }
+    assert counts == {"succeeded": 2, "needs_review": 1, "failed": 1, "cancelled": 5}
+    assert progress.remaining == 0
+    assert sum(counts.values()) == progress.valid == batch.valid_rows == 9
+    assert progress.percent == 100
+
+    statuses = Counter(row["status"] for row in download(user_client, batch))
+    assert statuses == {**counts, "invalid": 1}
+
+    page = user_client.get(url).content.decode()
+    assert '<dd id="count-failed">1</dd>' in page
+    assert '<dd id="count-cancelled">5</dd>' in page
+    assert '<dd id="count-remaining">0 ' in page
 
 
 def test_results_csv_has_inputs_outputs_and_status_partial_or_complete(
@@ -313,9 +365,9 @@ def test_a_refused_wave_keeps_its_rows_pending_says_why_and_goes_on_when_allowed
     assert services.do_start_batch(batch) == 0  # nothing admitted, nothing lost
     batch.refresh_from_db()
     assert batch.status == "running"
-    assert "exhausted" in batch.admission_error
+    assert "budget 'Pilot'" in batch.admission_error
     assert BatchRow.objects.get(batch=batch).job is None
-    assert "exhausted" in user_client.get(batch.get_absolute_url()).content.decode()
+    assert "budget &#x27;Pilot&#x27;" in user_client.get(batch.get_absolute_url()).content.decode()
 
     # Once the operator raises the budget, the next pass admits the row and clears the reason.
     budget.cap_usd = Decimal("5")
@@ -325,3 +377,91 @@ def test_a_refused_wave_keeps_its_rows_pending_says_why_and_goes_on_when_allowed
     batch.refresh_from_db()
     assert batch.admission_error == ""
     assert batch.status == "completed"
+
+
+def upload(client, workload, name: str, data: bytes):
+    file = SimpleUploadedFile(name, data, content_type="text/csv")
+    return client.post("/batches/new/", {"workload": workload.pk, "file": file, "priority": "low"})
+
+
+def test_a_file_whose_columns_do_not_match_says_why_each_row_is_invalid_and_costs_nothing(
+    redis_conn, sentiment, user_client
+):
+    data = csv_bytes([["name", "comment"], ["Kettle", "Great"], ["Lamp", "Dim"]])
+    upload(user_client, sentiment, "wrongcols.csv", data)
+    batch = Batch.objects.get()
+    assert (batch.valid_rows, batch.estimated_cost) == (0, 0)
+
+    page = user_client.get(batch.get_absolute_url()).content.decode()
+    reason = "no column for input field &#x27;product&#x27;, &#x27;review&#x27;"
+    assert page.count(f'<td class="error">{reason}</td>') == 2  # each row of the preview
+    assert "Nothing to estimate: no row is valid." in page
+    assert "$0.0" not in page
+    # The results CSV gives the same reason.
+    assert [r["error"] for r in download(user_client, batch)] == [
+        "no column for input field 'product', 'review'"
+    ] * 2
+
+    services.do_set_mapping(batch, {"product": "name", "review": "comment"})
+    batch.refresh_from_db()
+    assert batch.valid_rows == 2
+    assert batch.estimated_cost > 0
+    assert list(BatchRow.objects.values_list("error", flat=True)) == ["", ""]
+
+
+def test_invalid_rows_show_what_they_hold_escaped(redis_conn, sentiment, user_client):
+    rows = [["product", "review"], ["Kettle", "Fine"], ["Toaster", ""], ["<img src=x>", ""]]
+    upload(user_client, sentiment, "reviews.csv", csv_bytes(rows))
+    batch = Batch.objects.get()
+
+    page = user_client.get(batch.get_absolute_url()).content.decode()
+    preview = page[page.index('id="preview"') : page.index("</table>")]
+    assert '<tr class="invalid">\n      <td class="num">2</td>\n      <td>Toaster</td>' in preview
+    assert "<td>&lt;img src=x&gt;</td>" in preview
+    bad_rows = page[page.index('id="bad-rows"') :]
+    assert "<code>product</code> Toaster" in bad_rows
+    assert "<img src=x>" not in page
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("photo.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR,\x00\x01", "holds NUL bytes"),
+        ("rows.jsonl", '{"text": "hi"}\n'.encode("utf-16-le"), "holds NUL bytes"),
+        ("reviews.csv", b"product,review\n", "has a header but no data rows"),
+        ("reviews.csv", b"product,review\n,\n\n", "has a header but no data rows"),
+    ],
+)
+def test_a_file_without_data_rows_is_refused_at_upload_and_nothing_is_stored(
+    redis_conn, sentiment, user_client, name, data, message
+):
+    response = upload(user_client, sentiment, name, data)
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    assert Batch.objects.count() == 0
+    assert BatchRow.objects.count() == 0
+
+
+def test_destructive_batch_buttons_ask_first_and_a_discarded_draft_says_so(
+    redis_conn, sentiment, user, user_client
+):
+    draft = make_batch(sentiment, user, REVIEWS)
+    page = user_client.get(draft.get_absolute_url()).content.decode()
+    assert (
+        f'<form method="post" action="/batches/{draft.code}/cancel/" class="inline" '
+        'data-confirm="Discard this batch?' in page
+    )
+
+    response = user_client.post(f"/batches/{draft.code}/cancel/", follow=True)
+    assert messages_of(response) == ["Batch discarded."]
+    draft.refresh_from_db()
+    assert draft.status == "cancelled"
+
+    running = make_batch(sentiment, user, REVIEWS)
+    services.do_start_batch(running)
+    page = user_client.get(running.get_absolute_url()).content.decode()
+    assert (
+        f'<form method="post" action="/batches/{running.code}/cancel/" class="inline" '
+        'data-confirm="Cancel this batch? Rows not yet run will not run; jobs in flight are '
+        'cancelled.">' in page
+    )
