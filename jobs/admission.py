@@ -45,7 +45,7 @@ def admit(job: Job) -> leases.Lease | None:
     if job.scheduled_for and job.scheduled_for > now:
         _park(
             job,
-            f"scheduled to start at {job.scheduled_for:%Y-%m-%d %H:%M %Z}",
+            f"scheduled to start at {services.local_time(job.scheduled_for)}",
             job.scheduled_for,
             status=Job.Status.SCHEDULED,
         )

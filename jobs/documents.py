@@ -345,7 +345,7 @@ def ready_to_reduce(job: Job, token: uuid.UUID) -> bool:
         return False
     if counts["open"] or counts["review"]:
         waiting_for = counts["open"] + counts["review"]
-        _park(job, token, f"waiting for {waiting_for} of {counts['total']} chunks")
+        _park(job, token, f"{waiting_for} of {counts['total']} chunks still to finish")
         return False
     services.do_set_progress(
         job,
@@ -390,7 +390,7 @@ def _fan_out(job: Job, token: uuid.UUID) -> None:
         )
         services.do_park_job(
             job,
-            reason=f"waiting for {len(chunks)} of {len(chunks)} chunks",
+            reason=f"{len(chunks)} of {len(chunks)} chunks still to finish",
             resume_at=timezone.now() + timedelta(seconds=CHECK_INTERVAL_S),
             token=token,
         )
@@ -444,7 +444,7 @@ def _retry_seen_bad_chunks(job: Job, token: uuid.UUID) -> bool:
             )
             if won:
                 transaction.on_commit(lambda c=chunk: queueing.enqueue(c))
-    _park(job, token, f"waiting for {len(seen)} retried chunk(s)")
+    _park(job, token, f"{len(seen)} retried chunk(s) still to finish")
     return True
 
 

@@ -440,6 +440,47 @@ class Job(models.Model):
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL_STATUSES
 
+    # How each `stage` reads on the job's page and in lists (jobs/_progress.html).
+    STAGE_LABELS = {
+        "queued": "Queued",
+        "held": "Held",
+        "scheduled": "Scheduled",
+        "calling": "Calling the provider",
+        "streaming": "Streaming output",
+        "repairing": "Repairing output",
+        "reducing": "Combining the chunks' results",
+        "review": "In review",
+        "done": "Done",
+    }
+    # What a waiting job waits for, by the kind of its `wait_reason` (see `wait_kind`).
+    WAIT_LABELS = {
+        "chunks": "Waiting for its chunks",
+        "capacity": "Waiting for capacity",
+        "rate_limit": "Waiting for the rate limit",
+        "breaker": "Waiting for the provider to recover",
+        "backoff": "Waiting to retry",
+        "paused": "Waiting: workload paused",
+    }
+
+    @property
+    def wait_kind(self) -> str:
+        """What a waiting job waits for: one of the dashboard's kinds
+        (jobs.stats.classify_wait_reason), or "chunks" for a document (jobs.documents). Every
+        parking path writes the stage "waiting" (services.do_park_job); only the reason it
+        gives tells them apart. A provider error that mentions chunks is still a retry."""
+        from jobs.stats import classify_wait_reason  # stats reads these models
+
+        kind = classify_wait_reason(self.wait_reason)
+        if kind == "other" and "chunk" in self.wait_reason.lower():
+            return "chunks"
+        return kind
+
+    @property
+    def stage_label(self) -> str:
+        if self.stage == self.Status.WAITING:
+            return self.WAIT_LABELS.get(self.wait_kind, "Waiting")
+        return self.STAGE_LABELS.get(self.stage, self.stage or "—")
+
     def can_cancel(self) -> bool:
         return self.status in self.CANCELLABLE_STATUSES
 

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import django_rq
 import redis
@@ -77,6 +77,19 @@ def enqueue_at(job: Job, when: datetime) -> bool:
     return _enqueue(job, at=when)
 
 
+def _not_before(when: datetime) -> datetime:
+    """`when`, rounded up to a whole second.
+
+    RQ's scheduled registry keeps whole seconds, rounded down, so its scheduler would move a
+    job due at 08:08:41.6 onto its queue at 08:08:41.0. The runner finds that job not due yet
+    and drops the entry (a stray duplicate looks the same), and only the reconciler brought it
+    back, a reconcile interval later. Rounded up, it is never early, and at most a second late.
+    """
+    if when.microsecond:
+        when = when.replace(microsecond=0) + timedelta(seconds=1)
+    return when
+
+
 # Enqueues held back until the RQ job that asked for them has been cleaned up (see _enqueue).
 _held = threading.local()
 
@@ -104,7 +117,7 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         if at is None:
             rq_queue.enqueue(TASK, str(job.code), **options)
         else:
-            rq_queue.enqueue_at(at, TASK, str(job.code), **options)
+            rq_queue.enqueue_at(_not_before(at), TASK, str(job.code), **options)
     except redis.RedisError as exc:
         log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
         return False
@@ -119,15 +132,29 @@ def run_held_enqueues() -> None:
 
 
 def remove(job: Job) -> None:
-    """Drop a job's pending RQ entry (cancelled, expired). A running one is left to finish."""
+    """Drop a job's RQ entry if it is still waiting (cancelled, expired, woken early).
+
+    Taking the id off its queue (LREM) or the scheduler's registry (ZREM) is atomic, so either
+    this call or a worker gets it. An entry a worker has already taken is left alone, even if
+    it still reads "queued" (popped, not started yet): the run re-reads the job and returns,
+    or sees the new status at its next heartbeat, and RQ cleans the entry up after it. RQ's
+    `Job.cancel()` is not used: it re-reads the status, so it raised InvalidJobOperation when
+    the worker had meanwhile finished the job and deleted its entry (result_ttl 0), and it
+    deleted the entry of a run in progress from under the worker.
+    """
+    conn = connection()
     try:
-        rq_job = RQJob.fetch(job.rq_job_id, connection=connection())
+        rq_job = RQJob.fetch(job.rq_job_id, connection=conn)
     except Exception:  # noqa: BLE001 - missing or unreadable: nothing to remove
         return
     try:
-        if rq_job.get_status(refresh=False) in {JobStatus.QUEUED, JobStatus.SCHEDULED}:
-            rq_job.cancel()
-            rq_job.delete()
+        rq_queue = rq.Queue(rq_job.origin, connection=conn)
+        with conn.pipeline() as pipe:
+            pipe.lrem(rq_queue.key, 0, rq_job.id)
+            pipe.zrem(rq_queue.scheduled_job_registry.key, rq_job.id)
+            taken = sum(pipe.execute())
+        if taken:
+            conn.delete(rq_job.key)
     except redis.RedisError as exc:
         log.warning("job=%s could not remove RQ entry: %s", job.code, exc)
 

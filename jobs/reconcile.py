@@ -122,9 +122,29 @@ def _wake_overdue(report: Report, now) -> None:
         missing = queueing.missing_rq_jobs(overdue)
     except redis.RedisError:
         return
-    for job in missing:
+    for job in _unchanged(missing):
         if services.do_resume_job(job, reason="woken by the reconciler: scheduled entry lost"):
             report.woken += 1
+
+
+def _unchanged(jobs: list[Job]) -> list[Job]:
+    """The jobs whose row is still in the park it was in when it was read.
+
+    Between that read and the look in Redis a worker may have run the job and parked it
+    again: its new entry is written only after RQ has deleted the old one
+    (jobs.queueing._enqueue), so for that moment it looks lost, and waking it would cut its
+    new wait short. Every park sets a new resume time, so an unchanged row means the entry
+    really is gone.
+    """
+    if not jobs:
+        return []
+    current = {
+        pk: (status, resume_at)
+        for pk, status, resume_at in Job.objects.filter(pk__in=[job.pk for job in jobs])
+        .order_by()
+        .values_list("pk", "status", "resume_at")
+    }
+    return [job for job in jobs if current.get(job.pk) == (job.status, job.resume_at)]
 
 
 def _requeue(batch: list[Job]) -> int:

@@ -234,6 +234,11 @@ def do_submit_job(
     return job, True
 
 
+def local_time(moment: datetime) -> str:
+    """A moment as people read it in wait reasons: date, minutes and the zone (settings)."""
+    return f"{timezone.localtime(moment):%Y-%m-%d %H:%M %Z}"
+
+
 def _check_times(deadline: datetime | None, start_at: datetime | None) -> None:
     now = timezone.now()
     if deadline is not None and deadline <= now:
@@ -272,7 +277,7 @@ def _admit_at_submit(job: Job, start_at: datetime | None) -> str:
         fields = {
             "status": Job.Status.SCHEDULED,
             "stage": "scheduled",
-            "wait_reason": f"scheduled to start at {start_at.isoformat()}"[:200],
+            "wait_reason": f"scheduled to start at {local_time(start_at)}"[:200],
             "resume_at": start_at,
         }
         reason = "submitted; scheduled"

@@ -491,3 +491,17 @@ def test_a_one_chunk_document_is_its_chunks_answer_without_a_reduce_call(
     assert simulator.counters()["requests_total"] == 1  # the chunk's call; no reduce call
     assert job.cost_actual == 0
     assert job.total_cost == chunk.cost_actual
+
+
+def test_a_document_waiting_for_its_chunks_says_so(redis_conn, digest, user, user_client):
+    job = submit_document(digest, user, [f"Clause {i}: the buyer pays." * 8 for i in range(3)])
+    token = services.do_start_run(job)
+    assert not documents.ready_to_reduce(job, token)  # its first run fans the chunks out
+    job.refresh_from_db()
+    assert job.status == "waiting"
+    total = job.children.count()
+    page = user_client.get(job.get_absolute_url()).content.decode()
+    stage = page.split('id="job-stage">', 1)[1].split("</dd>", 1)[0]
+    assert stage.startswith('<span class="stage stage-waiting">Waiting for its chunks</span>')
+    assert f"{total} of {total} chunks still to finish" in stage
+    assert "capacity" not in stage

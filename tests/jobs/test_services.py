@@ -3,10 +3,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import rq
 from django.utils import timezone
+from rq.job import Job as RQJob
 
-from jobs import services
+from jobs import queueing, services
 from jobs.models import Job, JobEvent
+from jobs.worker import build_worker
+from tests.conftest import queued_ids
 
 
 def submit(workload, user, text="Some meeting notes.", **kwargs) -> Job:
@@ -107,3 +111,67 @@ def test_cancel_only_unfinished_jobs(workload, user):
     assert not services.do_cancel_job(job, actor=user)
     event = JobEvent.objects.filter(job=job, to_status="cancelled").get()
     assert event.actor == user
+
+
+class _WorkerTakesItAfterTheRead(RQJob):
+    """RQ's job class, but a worker takes and runs the job right after `queueing.remove` has
+    read its RQ entry: the race of a batch cancel against a busy worker, made certain."""
+
+    run_worker = None
+
+    @classmethod
+    def fetch(cls, *args, **kwargs):
+        rq_job = super().fetch(*args, **kwargs)
+        cls.run_worker()
+        return rq_job
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_job_that_a_worker_finishes_meanwhile_does_not_raise(
+    redis_conn, workload, user, run_worker, monkeypatch, simulator
+):
+    job = submit(workload, user)
+    monkeypatch.setattr(_WorkerTakesItAfterTheRead, "run_worker", staticmethod(run_worker))
+    monkeypatch.setattr(queueing, "RQJob", _WorkerTakesItAfterTheRead)
+
+    # Before the fix RQ's Job.cancel() re-read the status of an entry the worker had deleted
+    # (result_ttl 0) and raised InvalidJobOperation out of the cancel.
+    assert services.do_cancel_job(job, actor=user)
+
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert simulator.counters()["requests_total"] == 0  # the run saw the cancel, no call
+    assert queued_ids() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_job_a_worker_has_taken_leaves_its_rq_entry_to_the_worker(
+    redis_conn, workload, user, simulator
+):
+    job = submit(workload, user)
+    # A threaded worker's main thread popped the id; the run has not started yet, so the
+    # entry still says queued (jobs.worker.ThreadPoolWorker.execute_job).
+    taken, rq_queue = rq.Queue.dequeue_any(
+        [queueing.queue(job.priority)], None, connection=queueing.connection()
+    )
+    assert taken.id == job.rq_job_id
+
+    assert services.do_cancel_job(job, actor=user)
+
+    # The entry is the worker's: deleting it under the run made RQ's own cleanup fail.
+    assert taken.get_status() == "queued"
+    build_worker(name="test-worker-taken").execute_job(taken, rq_queue)
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert simulator.counters()["requests_total"] == 0
+    assert not redis_conn.exists(taken.key)  # RQ cleaned up after the run (result_ttl 0)
+
+
+def test_a_scheduled_job_says_when_it_starts_as_people_read_it(redis_conn, workload, user):
+    start = timezone.now().replace(microsecond=0) + timedelta(days=40)
+    job = services.do_submit_job(workload=workload, input_text="Later.", user=user, start_at=start)[
+        0
+    ]
+    job.refresh_from_db()
+    assert job.status == "scheduled"
+    assert job.wait_reason == f"scheduled to start at {start:%Y-%m-%d %H:%M} UTC"

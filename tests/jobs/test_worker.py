@@ -3,18 +3,21 @@ on the suite's Redis and test database, calling the simulator over HTTP."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import django_rq
 import pytest
+from django.utils import timezone
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
-from jobs import services
+from jobs import queueing, reconcile, services
 from jobs.models import Attempt, Job
 from tests.conftest import spawn
 from tests.jobs.test_pipeline import wait_for, worker_env
@@ -249,3 +252,62 @@ def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
     worker = ThreadPoolWorker([queue], connection=queue.connection, threads=4)
     worker.work(burst=True, with_scheduler=False)
     assert queue.count == 1
+
+
+# --- timed wake-ups: RQ's scheduler, and the reconciler as its safety net ----------------------
+
+
+def test_a_parked_job_is_woken_by_its_schedule_on_time(redis_conn, workload, user, tmp_path):
+    # RQ keeps a schedule in whole seconds: a job due at hh:mm:05.999 was put on its queue at
+    # hh:mm:05, found not yet due and dropped, and only the reconciler brought it back.
+    worker = spawn([sys.executable, "manage.py", "worker", "--threads", "2"], tmp_path,
+                   worker_env(heartbeat=1, stale_after=30))  # fmt: skip
+    try:
+        wait_for(lambda: redis_conn.exists("rq:scheduler-lock:default"), timeout=30)
+        due = datetime.fromtimestamp(math.floor(time.time()) + 1.999, tz=UTC)
+        job = services.do_submit_job(
+            workload=workload, input_text="notes", user=user, start_at=due
+        )[0]
+        assert job.status == "scheduled"
+        wait_for(lambda: count([job], "succeeded") == 1, timeout=30)
+    finally:
+        stop(worker)
+    woken = job.events.get(from_status="scheduled", to_status="queued")
+    assert woken.reason == "resume time reached"
+    assert due <= woken.created_at <= due + timedelta(seconds=2)
+
+
+def test_reconciler_leaves_a_job_that_was_parked_again_while_it_looked(
+    redis_conn, workload, user, settings, monkeypatch
+):
+    settings.AIQUEUE_ENQUEUE_GRACE = 0
+    job = services.do_submit_job(workload=workload, input_text="notes", user=user)[0]
+    services.do_park_job(
+        job, reason="rate limited", resume_at=timezone.now() - timedelta(seconds=1)
+    )
+    looked_up = queueing.missing_rq_jobs
+
+    def run_meanwhile(jobs):
+        # Between the reconciler's read of the rows and its look in Redis, a worker runs the
+        # job and parks it again; its new entry is written only once RQ has deleted the old
+        # one (jobs.queueing._enqueue), so for that moment there is none.
+        if job.pk not in {j.pk for j in jobs}:
+            return looked_up(jobs)
+        services.do_resume_job(job, reason="resume time reached", enqueue=False)
+        token = services.do_start_run(job)
+        services.do_park_job(
+            job,
+            reason="rate limited by provider",
+            resume_at=timezone.now() + timedelta(seconds=60),
+            token=token,
+        )
+        redis_conn.delete(RQJob.key_for(job.rq_job_id))
+        return looked_up(jobs)
+
+    monkeypatch.setattr(queueing, "missing_rq_jobs", run_meanwhile)
+    report = reconcile.run()
+    assert report.woken == 0
+    job.refresh_from_db()
+    assert job.status == "waiting"
+    assert job.wait_reason == "rate limited by provider"
+    assert not job.events.filter(reason__startswith="woken by the reconciler").exists()
