@@ -130,3 +130,18 @@ def log_in(page, app: LiveApp, username: str, password: str) -> None:
     page.fill("#id_password", password)
     page.click("button[type=submit]")
     page.wait_for_url(f"{app.url}/")
+
+
+def answer_next_dialog(page, *, accept: bool) -> list[str]:
+    """Answer the next dialog the page opens; the returned list gets its text."""
+    seen: list[str] = []
+
+    def answer(dialog) -> None:
+        seen.append(dialog.message)
+        if accept:
+            dialog.accept()
+        else:
+            dialog.dismiss()
+
+    page.once("dialog", answer)
+    return seen

@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 from batches import services
 from batches.models import Batch
 from jobs.models import Workload
-from tests.browser.conftest import log_in
+from tests.browser.conftest import answer_next_dialog, log_in
 
 pytestmark = pytest.mark.browser
 
@@ -65,21 +65,6 @@ def test_staff_uploads_a_csv_batch_watches_it_fill_in_and_downloads_results(
     assert [r["status"] for r in result].count("succeeded") == 12
     assert result[-1]["status"] == "invalid"
     assert all(r["output"] in {"positive", "neutral", "negative"} for r in result[:12])
-
-
-def answer_next_dialog(page, *, accept: bool) -> list[str]:
-    """Answer the next dialog the page opens; the returned list gets its text."""
-    seen: list[str] = []
-
-    def answer(dialog) -> None:
-        seen.append(dialog.message)
-        if accept:
-            dialog.accept()
-        else:
-            dialog.dismiss()
-
-    page.once("dialog", answer)
-    return seen
 
 
 def test_discarding_or_cancelling_a_batch_asks_first_and_every_row_is_accounted_for(

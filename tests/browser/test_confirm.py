@@ -6,25 +6,10 @@ import pytest
 from playwright.sync_api import expect
 
 from jobs.models import Job
-from tests.browser.conftest import log_in
+from tests.browser.conftest import answer_next_dialog, log_in
 from tests.browser.test_live import submit_held_back
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-def answer_next_dialog(page, *, accept: bool) -> list[str]:
-    """Answer the next dialog the page opens; the returned list gets its text."""
-    seen: list[str] = []
-
-    def answer(dialog) -> None:
-        seen.append(dialog.message)
-        if accept:
-            dialog.accept()
-        else:
-            dialog.dismiss()
-
-    page.once("dialog", answer)
-    return seen
 
 
 def test_cancel_on_the_job_page_asks_first(live_app, page, user, workload, monkeypatch):
