@@ -136,7 +136,10 @@ def job_new(request: HttpRequest) -> HttpResponse:
                 # Backpressure and budget refusals say why and when to come back.
                 form.add_error(None, str(exc))
             else:
-                if created:
+                if created and job.status == Job.Status.HELD:
+                    # Saved, but it will not run until its budget frees: say so, and why.
+                    messages.warning(request, f"Job submitted but held: {job.wait_reason}.")
+                elif created:
                     messages.success(request, "Job submitted. It runs in the background.")
                 else:
                     messages.info(request, "This form was already submitted; here is that job.")

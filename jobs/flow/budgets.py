@@ -320,9 +320,9 @@ def never_fits_message(budget: Budget, nanos: int) -> str | None:
     if nanos <= budget.cap_nanos:
         return None
     return (
-        f"a call may cost up to {_usd(nanos_to_usd(nanos))} USD, more than budget "
-        f"{budget.name!r} allows in a whole {budget.period} ({_usd(budget.cap_usd)} USD): it "
-        "runs only once the cap is raised"
+        f"budget {budget.name!r} allows {_usd(budget.cap_usd)} USD a {budget.period} and one "
+        f"call of this job may cost up to {_usd(nanos_to_usd(nanos))} USD: it runs only once "
+        "the cap is raised"
     )
 
 
@@ -417,7 +417,7 @@ def hold_reason(budget: Budget, nanos: int = 0) -> str:
     """Why a job needing `nanos` is held on `budget` (said on its page and in the audit)."""
     never = never_fits_message(budget, nanos)
     if never is not None:
-        return f"held: {never}"
+        return never
     return (
         f"budget {budget.name!r} exhausted ({_usd(budget.spent_usd + budget.reserved_usd)} of "
         f"{_usd(budget.cap_usd)} USD this {budget.period}); held until it frees"

@@ -297,8 +297,8 @@ def test_a_job_dearer_than_the_whole_cap_says_so_rejected_or_held(redis_conn, wo
     worst = budgets.estimate(workload, TEXT).nanos  # 200 output tokens at $2/M: ~$0.0004
     budget = make_budget(cap=Decimal("0.0001"), on_exhausted="reject", period="day")
     assert worst > budget.cap_nanos
-    dearer = f"may cost up to {Decimal(worst) / 10**9:.6f} USD, more than budget"
-    whole = "allows in a whole day (0.000100 USD): it runs only once the cap is raised"
+    dearer = f"one call of this job may cost up to {Decimal(worst) / 10**9:.6f} USD"
+    whole = "budget 'budget-0' allows 0.000100 USD a day"
 
     # Rejecting: not "exhausted, renews next period" (a 429 to retry later): it never fits.
     with pytest.raises(services.SubmitError) as refused:

@@ -386,3 +386,22 @@ def test_new_job_form_ignores_a_workload_id_that_is_not_one(user_client, workloa
     response = user_client.get(f"{reverse('jobs:new')}?workload=5%27")
     assert response.status_code == 200
     assert f'<option value="{workload.pk}" selected>Summaries</option>' in response.content.decode()
+
+
+def test_a_job_held_for_budget_at_submit_says_so_not_runs_in_the_background(
+    user_client, workload, redis_conn
+):
+    from jobs.models import Budget
+
+    Budget.objects.create(name="Frozen", cap_usd=Decimal("0"))  # holds, never rejects
+    response = user_client.post(
+        reverse("jobs:new"),
+        {"workload": workload.pk, "input_text": "Notes", "idempotency_key": "held-1"},
+        follow=True,
+    )
+    page = response.content.decode()
+    job = Job.objects.get()
+    assert job.status == "held"
+    assert "runs only once the cap is raised" in job.wait_reason
+    assert f"Job submitted but held: {job.wait_reason}.".replace("'", "&#x27;") in page
+    assert "It runs in the background" not in page
