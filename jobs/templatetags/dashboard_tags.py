@@ -41,6 +41,9 @@ def usd(value: Decimal | float | None) -> str:
     if value is None:
         return MISSING
     value = Decimal(value)
+    if value and abs(value) < Decimal("0.01"):
+        # A call costs fractions of a cent: four decimals showed real spend as "$0.0000".
+        return f"${value:,.6f}"
     return f"${value:,.4f}" if abs(value) < 1 else f"${value:,.2f}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -111,3 +112,19 @@ def test_health_figures_are_shared_for_a_moment_and_fresh_after_an_action(
     html = client.post(f"/operator/workloads/{notes.pk}/pause/", **panel).content.decode()
     assert "paused</span>" in html
     assert queued_tile(html) == 1  # the job created above, no longer hidden by the cache
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        (None, "–"),
+        (Decimal("0"), "$0.0000"),
+        (Decimal("0.000047"), "$0.000047"),  # a few calls: not "$0.0000"
+        (Decimal("0.0123"), "$0.0123"),
+        (Decimal("12.5"), "$12.50"),
+    ],
+)
+def test_dashboard_money_shows_a_fraction_of_a_cent(amount, shown):
+    from jobs.templatetags.dashboard_tags import MISSING, usd
+
+    assert usd(amount) == (MISSING if amount is None else shown)
