@@ -55,20 +55,23 @@ def inbox(request: HttpRequest) -> HttpResponse:
     counts = dict(open_items.order_by().values_list("reason").annotate(n=Count("id")))
     items = open_items
     sort = "oldest"
-    if form.is_valid():
+    if form.is_bound:
+        # A bad value (a hand-edited or stale link) drops only its own filter, and the table
+        # says which (_filter_errors.html); cleaned_data keeps the valid ones.
+        form.is_valid()
         data = form.cleaned_data
-        if data["reason"]:
+        if data.get("reason"):
             items = items.filter(reason=data["reason"])
-        if data["workload"]:
+        if data.get("workload"):
             items = items.filter(job__workload=data["workload"])
         live_claim = Q(claimed_by__isnull=False, claim_expires_at__gt=now)
-        if data["claim"] == "claimed":
+        if data.get("claim") == "claimed":
             items = items.filter(live_claim)
-        elif data["claim"] == "unclaimed":
+        elif data.get("claim") == "unclaimed":
             items = items.exclude(live_claim)
-        elif data["claim"] == "mine":
+        elif data.get("claim") == "mine":
             items = items.filter(live_claim, claimed_by=request.user)
-        sort = data["sort"] or "oldest"
+        sort = data.get("sort") or "oldest"
     if sort == "confidence":
         items = items.order_by(F("job__confidence").asc(nulls_first=True), "created_at", "id")
     else:

@@ -58,3 +58,21 @@ def test_inbox_filters_have_accessible_names(redis_conn, reviewer, client):
     client.force_login(reviewer)
     body = client.get(reverse("review:inbox")).content.decode()
     assert unnamed_filter_fields(body) == []
+
+
+def test_a_bad_filter_value_is_named_and_ignored_and_the_others_apply(
+    redis_conn, classify_workload, extract_workload, escalate, reviewer, client
+):
+    [low] = escalate(classify_workload, "Pills [[low-confidence]]")
+    escalate(extract_workload, "Invoice 7 [[invalid-json]]")
+    client.force_login(reviewer)
+
+    response = client.get(
+        reverse("review:inbox"), {"reason": "low_confidence", "workload": "999", "claim": "x"}
+    )
+
+    assert [item.pk for item in response.context["page"]] == [low.pk]  # the reason applies
+    page = response.content.decode()
+    assert "Workload: Select a valid choice." in page
+    assert "Claim: Select a valid choice." in page
+    assert page.count("This filter is ignored.") == 2
