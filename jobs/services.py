@@ -263,8 +263,8 @@ def _admit_at_submit(job: Job, start_at: datetime | None) -> str:
         if exhausted.on_exhausted == Budget.OnExhausted.REJECT:
             if never is not None:  # not "try later": no renewal lets it in
                 raise SubmitError(
-                    f"Not submitted: {never}, or once the workload's max output tokens or the input "
-                    "are made smaller."
+                    f"Not submitted: {never}, or once the workload's max output tokens or the "
+                    "input are made smaller."
                 )
             raise Overloaded(
                 budgets.reject_message(exhausted),
