@@ -19,7 +19,7 @@ from playwright.sync_api import expect
 from aiqueue.redis_server import free_port
 from jobs import services
 from jobs.models import Budget, Job, ModelPrice, Priority, Provider, Workload
-from tests.browser.conftest import LiveApp, database_url, log_in, wait_for_port
+from tests.browser.conftest import LiveApp, answer_next_dialog, database_url, log_in, wait_for_port
 from tests.conftest import BASE_DIR, spawn
 
 pytestmark = pytest.mark.browser
@@ -105,6 +105,13 @@ def test_outage_rehearsed_from_the_dashboard_is_absorbed_live(
     # A marker that a reload would wipe: everything below happens on this one page load.
     page.evaluate("window.__sameLoad = true")
 
+    # It asks first (static/js/confirm.js): declined, nothing changes.
+    declined = answer_next_dialog(page, accept=False)
+    page.click("button:has-text('Start outage')")
+    assert [text[:16] for text in declined] == ["Start an outage?"]
+    page.wait_for_timeout(500)
+    expect(page.locator("#simulator [data-outage]")).to_have_attribute("data-outage", "off")
+    answer_next_dialog(page, accept=True)
     page.click("button:has-text('Start outage')")
     expect(page.locator("#simulator [data-outage]")).to_have_attribute(
         "data-outage", "on", timeout=15_000
