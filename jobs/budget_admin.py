@@ -11,12 +11,13 @@ from django.db.models import Q, Sum
 from django.urls import reverse
 from django.utils.html import format_html
 
+from jobs.flow import budgets
 from jobs.models import Attempt, Budget
 
 
 def _usd(budget: Budget, amount: Decimal) -> str:
-    """6 decimals (calls cost fractions of a cent); '—' on the add form, and never '0E-8'."""
-    return "—" if budget.pk is None else f"{amount:.6f}"
+    """'—' on the add form (nothing is spent yet), and never '0E-8'."""
+    return "—" if budget.pk is None else budgets.usd_text(amount)
 
 
 @admin.register(Budget)

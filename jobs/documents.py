@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import re
 import uuid
 import zipfile
@@ -308,8 +307,9 @@ def reduce_input_tokens(job: Job) -> int:
 
     template = workload.reduce_prompt or kinds.DEFAULT_REDUCE_PROMPT
     heading = budgets.estimate_tokens(f"Part {len(lengths)}:\n\n\n")
-    # Tokens of an answer by budgets.estimate_tokens' rule (4 characters each), from its length.
-    answers = sum(max(workload.max_output_tokens, math.ceil(chars / 4)) for chars in lengths)
+    answers = sum(
+        max(workload.max_output_tokens, kinds.estimate_tokens(chars)) for chars in lengths
+    )
     return (
         budgets.estimate_tokens(workload.system_prompt)
         + budgets.estimate_tokens(template)

@@ -491,6 +491,18 @@ class Job(models.Model):
         return (self.cost_actual or Decimal(0)) + (children or Decimal(0))
 
     @property
+    def listed_cost_value(self) -> Decimal:
+        """The cost a list row shows: with its chunks for a document, as its page says. The job
+        list annotates it in its one query (`listed_cost`, jobs.views.with_listed_cost); a row
+        pushed live (jobs.live.render_row) has no annotation and asks."""
+        annotated = self.__dict__.get("listed_cost")
+        if annotated is not None:
+            return annotated
+        if self.workload.kind == Workload.Kind.DOCUMENT and self.parent_id is None:
+            return self.total_cost
+        return self.cost_actual
+
+    @property
     def final_output(self) -> str:
         """What the job delivers: a reviewer's correction if there is one, else the model's."""
         return self.corrected_output or self.output_text

@@ -301,15 +301,16 @@ def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
     return reserve(job, need, applicable)
 
 
-def _usd(amount: Decimal) -> str:
-    # Calls cost fractions of a cent: four decimals printed a used budget as "0.0000".
+def usd_text(amount: Decimal) -> str:
+    """A budget amount in messages and the admin: calls cost fractions of a cent, and four
+    decimals printed a used budget as "0.0000"."""
     return f"{amount:.6f}"
 
 
 def reject_message(budget: Budget) -> str:
     return (
-        f"Budget {budget.name!r} is exhausted ({_usd(budget.spent_usd + budget.reserved_usd)} "
-        f"of {_usd(budget.cap_usd)} USD used this {budget.period}). Nothing was submitted; the "
+        f"Budget {budget.name!r} is exhausted ({usd_text(budget.spent_usd + budget.reserved_usd)} "
+        f"of {usd_text(budget.cap_usd)} USD used this {budget.period}). Nothing was submitted; the "
         "budget renews at the start of the next period or when an operator raises it."
     )
 
@@ -320,8 +321,8 @@ def never_fits_message(budget: Budget, nanos: int) -> str | None:
     if nanos <= budget.cap_nanos:
         return None
     return (
-        f"budget {budget.name!r} allows {_usd(budget.cap_usd)} USD a {budget.period} and one "
-        f"call of this job may cost up to {_usd(nanos_to_usd(nanos))} USD: it runs only once "
+        f"budget {budget.name!r} allows {usd_text(budget.cap_usd)} USD a {budget.period} and one "
+        f"call of this job may cost up to {usd_text(nanos_to_usd(nanos))} USD: it runs only once "
         "the cap is raised"
     )
 
@@ -419,8 +420,8 @@ def hold_reason(budget: Budget, nanos: int = 0) -> str:
     if never is not None:
         return never
     return (
-        f"budget {budget.name!r} exhausted ({_usd(budget.spent_usd + budget.reserved_usd)} of "
-        f"{_usd(budget.cap_usd)} USD this {budget.period}); held until it frees"
+        f"budget {budget.name!r} exhausted ({usd_text(budget.spent_usd + budget.reserved_usd)} of "
+        f"{usd_text(budget.cap_usd)} USD this {budget.period}); held until it frees"
     )
 
 
