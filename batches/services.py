@@ -102,13 +102,22 @@ def do_create_batch(
     return batch
 
 
+def unmapped_fields(batch: Batch) -> list[str]:
+    """The workload's input fields with no column of the file mapped to them."""
+    return [
+        name
+        for name in batch.workload.input_fields
+        if not batch.mapping.get(name) or batch.mapping[name] not in batch.columns
+    ]
+
+
 def mapping_problems(batch: Batch) -> list[str]:
     problems = []
-    for name in batch.workload.input_fields:
+    for name in unmapped_fields(batch):
         column = batch.mapping.get(name)
         if not column:
             problems.append(f"Input field {name!r} has no column: choose one.")
-        elif column not in batch.columns:
+        else:
             problems.append(f"Input field {name!r} is mapped to a missing column {column!r}.")
     return problems
 
@@ -121,9 +130,7 @@ def validate_rows(batch: Batch) -> None:
     mapping = batch.mapping
     # While a field has no column (mapping_problems) every row is invalid, and says why: the
     # preview and the results CSV show each invalid row's reason.
-    unmapped = [
-        name for name in fields if not mapping.get(name) or mapping[name] not in batch.columns
-    ]
+    unmapped = unmapped_fields(batch)
     mapping_error = ""
     if unmapped:
         mapping_error = "no column for input field " + ", ".join(map(repr, unmapped))
