@@ -8,11 +8,10 @@ The system's `redis-server` is used when installed; otherwise the server binary 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,13 +35,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(
+def server_args(
     port: int, data_dir: Path, *, persist: bool = False, log_file: Path | None = None
-) -> subprocess.Popen:
-    """Start Redis on 127.0.0.1:port in the foreground (as a child) and wait until it answers."""
+) -> list[str]:
+    """The command line of a Redis on 127.0.0.1:port with its data in data_dir."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = [
+    return [
         find_binary(),
         "--port", str(port),
         "--bind", "127.0.0.1",
@@ -53,6 +52,13 @@ def start(
         "--daemonize", "no",
         "--logfile", str((log_file or data_dir / "redis.log").resolve()),
     ]  # fmt: skip
+
+
+def start(
+    port: int, data_dir: Path, *, persist: bool = False, log_file: Path | None = None
+) -> subprocess.Popen:
+    """Start Redis on 127.0.0.1:port in the foreground (as a child) and wait until it answers."""
+    args = server_args(port, data_dir, persist=persist, log_file=log_file)
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until_up(port, process)
     return process
@@ -80,14 +86,11 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--persist", action="store_true", help="append-only file in --dir")
     options = parser.parse_args()
-    process = start(options.port, options.dir, persist=options.persist)
-    print(f"redis listening on 127.0.0.1:{options.port}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-    try:
-        sys.exit(process.wait())
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
+    args = server_args(options.port, options.dir, persist=options.persist)
+    print(f"redis on 127.0.0.1:{options.port}, data in {options.dir}", flush=True)
+    # Become the server (no wrapper process): a process manager's signals, and a kill, reach
+    # Redis itself, and nothing is left holding the port when this process is gone.
+    os.execv(args[0], args)  # noqa: S606 - a fixed binary and arguments
 
 
 if __name__ == "__main__":

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import AsyncIterator, Iterator
 
 from asgiref.sync import sync_to_async
 from django.db.models import Prefetch
 
 from batches.models import Batch, BatchRow
+from jobs import inputs
 from review.models import ReviewItem
 
 RESULT_COLUMNS = ["status", "output", "confidence", "cost_usd", "review_outcome", "error"]
 # A spreadsheet runs a cell starting with these as a formula: model output and uploaded
-# text are untrusted, so such cells get a leading apostrophe (OWASP "CSV injection").
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# text (column names included) are untrusted, so such cells get a leading apostrophe (OWASP
+# "CSV injection"). Only a plain decimal number keeps its sign: what float() also reads
+# ("-inf", "+nan", " -1") a spreadsheet may take for a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class _Echo:
@@ -23,12 +28,11 @@ class _Echo:
 
 
 def _safe(value: object) -> str:
-    text = "" if value is None else str(value)
-    if text.startswith(FORMULA_STARTS):
-        try:
-            float(text)
-        except ValueError:
-            return "'" + text
+    """One cell as written: text stored before it was checked loses what cannot be encoded
+    (the download broke off there), and a cell a spreadsheet would run is neutralised."""
+    text = inputs.scrub("" if value is None else str(value))
+    if text.startswith(FORMULA_STARTS) and not PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
     return text
 
 
@@ -85,7 +89,7 @@ def _page(batch: Batch, after: int) -> tuple[str, int | None]:
 
 def _head(batch: Batch) -> str:
     # The BOM makes spreadsheet programs read the file as UTF-8.
-    return "\ufeff" + csv.writer(_Echo()).writerow(header(batch))
+    return "\ufeff" + csv.writer(_Echo()).writerow([_safe(name) for name in header(batch)])
 
 
 def stream_csv(batch: Batch) -> Iterator[str]:

@@ -3,7 +3,9 @@
 The csv module does the CSV work (quoted fields with commas and newlines, doubled quotes).
 Bytes are decoded as UTF-8 with `surrogateescape`, so one row with a stray Latin-1 byte is
 reported as that row's error while every other row proceeds; a UTF-16 file (with its BOM) is
-decoded as such. Problems with the whole file (not a CSV, too many rows) are file errors.
+decoded as such. A JSON line is read by jobs.inputs: one that nests too deep or holds a lone
+surrogate or NUL (escapes that decode to text no database or page can hold) is that row's
+error. Problems with the whole file (not a CSV, too many rows) are file errors.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+
+from jobs import inputs
 
 BAD_BYTE_RE = re.compile(r"[\udc80-\udcff]")
 
@@ -158,9 +162,10 @@ def parse_jsonl(data: bytes, *, max_rows: int) -> ParsedFile:
             parsed.rows.append(row)
             continue
         try:
-            value = json.loads(line)
-        except ValueError as exc:
-            row.error = f"not valid JSON: {exc}"
+            value = inputs.load_json(line, "The line")
+        except inputs.InvalidInput as exc:
+            # Not JSON, or nested too deep, or text that is not text (a "\ud800" escape).
+            row.error = str(exc).removeprefix("The line ").removeprefix("is ").rstrip(".")
             parsed.rows.append(row)
             continue
         if not isinstance(value, dict):

@@ -21,12 +21,16 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import Count, Q, Sum
+from django.dispatch import receiver
 from django.utils import timezone
 
 from batches.models import Batch, BatchRow
 from batches.parsing import parse_upload
-from jobs import kinds, live, services
+from jobs import inputs, kinds, live, services, webhooks
+from jobs.flow import budgets
 from jobs.models import Job, Workload
+from jobs.representations import moment, money
+from jobs.signals import job_settled
 
 log = logging.getLogger(__name__)
 
@@ -134,28 +138,32 @@ def validate_rows(batch: Batch) -> None:
     mapping_error = ""
     if unmapped:
         mapping_error = "no column for input field " + ", ".join(map(repr, unmapped))
-    price = workload.provider.price_for(workload.model)
+    prices: dict = {}
+    priced = workload.provider.price_for(workload.model) is not None
     total = Decimal(0)
     invalid = 0
     changed: list[BatchRow] = []
     for row in batch.rows.order_by("number").iterator(chunk_size=WRITE_CHUNK):
         input_data, error = {}, row.parse_error or mapping_error
+        text = ""
         if not error:
-            for name in fields:
-                value = str(row.data.get(mapping[name], "") or "")
-                if not value.strip():
-                    error = f"empty value for {name!r} (column {mapping[name]!r})"
-                    break
-                input_data[name] = value
-            text = kinds.render_input_text(input_data) if not error else ""
+            values = {name: str(row.data.get(mapping[name], "") or "") for name in fields}
+            try:
+                text, input_data = kinds.named_input(workload, values)
+            except kinds.FieldsError as refused:
+                name = refused.missing[0]
+                error = f"empty value for {name!r} (column {mapping[name]!r})"
             if not error and len(text) > services.MAX_INPUT_CHARS:
                 error = f"input longer than {services.MAX_INPUT_CHARS:,} characters"
+            if not error and (problem := inputs.text_problem(text)):
+                error = f"the input {problem}"  # a row stored before the parser checked it
         if error:
             invalid += 1
             input_data = {}
-        elif price is not None:
-            prompt = workload.render_prompt(input_data)
-            total += kinds.estimate_cost(workload, len(prompt), price=price) or 0
+        elif priced:
+            # The reservation's own rule (jobs.flow.budgets, jobs.costs), so the preview and
+            # what the rows will reserve agree.
+            total += budgets.estimate_job(workload, input_data, prices=prices).usd
         if row.error != error or row.input_data != input_data:
             row.error, row.input_data = error, input_data
             changed.append(row)
@@ -190,7 +198,14 @@ def _set_status(batch: Batch, from_statuses, to_status: str, **fields) -> bool:
         for name, value in fields.items():
             setattr(batch, name, value)
         live.stale_on_commit(live.batch_group(batch.pk))
+        if to_status in (Batch.Status.COMPLETED, Batch.Status.CANCELLED):
+            transaction.on_commit(lambda: _tell_webhooks(batch, f"batch.{to_status}"))
     return bool(updated)
+
+
+def _tell_webhooks(batch: Batch, event: str) -> None:
+    base = settings.AIQUEUE_BASE_URL.rstrip("/")
+    webhooks.batch_event(batch, event, lambda: batch_json(batch, base))
 
 
 def do_start_batch(batch: Batch) -> int:
@@ -262,10 +277,16 @@ def admit(batch_id: int) -> int:
         rows = list(pending[: max(0, room)])
         admitted = 0
         for row in rows:
+            text = kinds.render_input_text(row.input_data)
+            if problem := inputs.text_problem(text):
+                # Stored before the parser checked it: this row is invalid, not the wave.
+                row.error = f"the input {problem}"
+                row.save(update_fields=["error"])
+                continue
             try:
                 job, _ = services.do_submit_job(
                     workload=batch.workload,
-                    input_text=kinds.render_input_text(row.input_data),
+                    input_text=text,
                     user=batch.created_by,
                     priority=batch.priority,
                     input_data=row.input_data,
@@ -299,6 +320,12 @@ def admit(batch_id: int) -> int:
 def _has_open_jobs(batch: Batch) -> bool:
     """Rows still waiting for a reviewer keep the batch open until they are resolved."""
     return Job.objects.filter(batch=batch).exclude(status__in=Job.TERMINAL_STATUSES).exists()
+
+
+@receiver(job_settled, dispatch_uid="batches-job-settled")
+def _job_settled(sender, job: Job, **kwargs) -> None:
+    if job.batch_id is not None:
+        on_job_settled(job)
 
 
 def on_job_settled(job: Job) -> None:
@@ -356,6 +383,12 @@ class Progress:
     def percent(self) -> int:
         return int(100 * self.settled / self.valid) if self.valid > 0 else 0
 
+    @property
+    def waits_for_review(self) -> bool:
+        """Nothing left to run, but rows in review keep the batch open (`_has_open_jobs`):
+        its end depends on reviewers, not on an ETA."""
+        return self.remaining == 0 and self.in_review > 0
+
 
 def progress(batch: Batch) -> Progress:
     jobs = Job.objects.filter(batch=batch).aggregate(
@@ -381,8 +414,47 @@ def progress(batch: Batch) -> Progress:
         spent=jobs["spent"] or Decimal(0),
         eta=None,
     )
-    if batch.status == Batch.Status.RUNNING and batch.started_at and result.settled:
+    running = batch.status == Batch.Status.RUNNING and batch.started_at
+    if running and result.settled and result.remaining:
         elapsed = (timezone.now() - batch.started_at).total_seconds()
         rate = result.settled / max(elapsed, 0.001)
         result.eta = timedelta(seconds=round(result.remaining / rate))
     return result
+
+
+# A batch's JSON names at most this many of its rows' errors.
+ROW_ERRORS_SHOWN = 20
+
+
+def batch_json(batch: Batch, base: str) -> dict:
+    """What the API (batches.api) and the webhooks say of a batch."""
+    counts = progress(batch)
+    row_errors = batch.rows.exclude(error="").order_by("number")[:ROW_ERRORS_SHOWN]
+    return {
+        "code": str(batch.code),
+        "url": base + batch.get_absolute_url(),
+        "api_url": f"{base}/api/batches/{batch.code}",
+        "jobs_url": f"{base}/api/batches/{batch.code}/jobs",
+        "workload": batch.workload.name,
+        "status": batch.status,
+        "priority": batch.priority,
+        "total_rows": batch.total_rows,
+        "invalid_rows": batch.invalid_rows,
+        "row_errors": [{"row": row.number, "error": row.error} for row in row_errors],
+        "file_errors": batch.file_errors,
+        "admission_error": batch.admission_error or None,
+        "progress": {
+            "pending": counts.pending,
+            "in_flight": counts.in_flight,
+            "succeeded": counts.done,
+            "in_review": counts.in_review,
+            "failed": counts.failed,
+            "cancelled": counts.cancelled,
+            "percent": counts.percent,
+        },
+        "estimated_cost_usd": money(batch.estimated_cost),
+        "spent_usd": money(counts.spent),
+        "created_at": moment(batch.created_at),
+        "started_at": moment(batch.started_at),
+        "finished_at": moment(batch.finished_at),
+    }

@@ -17,6 +17,7 @@ from django.views.decorators.http import require_POST
 from batches import export, services
 from batches.forms import BatchUploadForm, MappingForm
 from batches.models import Batch
+from jobs.errors import REJECTED_FORM, form_status
 
 PREVIEW_ROWS = 10
 
@@ -72,7 +73,7 @@ def batch_new(request: HttpRequest) -> HttpResponse:
         else:
             messages.info(request, "File read. Check the columns and the preview, then start.")
             return redirect(batch)
-    return render(request, "batches/new.html", {"form": form})
+    return render(request, "batches/new.html", {"form": form}, status=form_status(form))
 
 
 def batch_detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
@@ -115,7 +116,9 @@ def batch_mapping(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
         except services.BatchError as exc:
             messages.error(request, str(exc))
         return redirect(batch)
-    return render(request, "batches/detail.html", batch_context(request, batch, form))
+    return render(
+        request, "batches/detail.html", batch_context(request, batch, form), status=REJECTED_FORM
+    )
 
 
 @require_POST

@@ -129,7 +129,7 @@ class Stack:
             "AIQUEUE_LOG_LEVEL": "WARNING",
             "DJANGO_SETTINGS_MODULE": "aiqueue.settings",
             "PYTHONPATH": str(REPO),
-            # Threaded workers on PostgreSQL share a psycopg pool (jobs.dbconn).
+            # Threaded workers on PostgreSQL share a psycopg pool (runs.dbconn).
             **({"AIQUEUE_DB_POOL": "1"} if self._pg_server else {}),
             **(env or {}),
         }
@@ -163,7 +163,7 @@ class Stack:
         self._redis = redis_server.start(self.redis_port, self.tmp / "redis")
         self.spawn(
             "simulator",
-            [PYTHON, "-m", "jobs.providers.simulator", "--host", "127.0.0.1",
+            [PYTHON, "-m", "simulator", "--host", "127.0.0.1",
              "--port", str(self.simulator_port), "--latency-ms", str(self.sim_latency_ms)],
         )  # fmt: skip
         wait_port(self.simulator_port)

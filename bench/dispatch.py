@@ -82,7 +82,7 @@ def noop_burst(redis_url: str, n: int, threads: int | None = None) -> float:
     from rq import Queue
     from rq.worker import SimpleWorker
 
-    from jobs.worker import ThreadPoolWorker
+    from runs.worker import ThreadPoolWorker
 
     connection = redis.Redis.from_url(redis_url)
     queue = Queue(f"bench-noop-{threads or 'simple'}", connection=connection)

@@ -56,7 +56,7 @@ def main() -> None:
         import redis
         from django.db import connection
 
-        from jobs.worker import build_worker
+        from runs.worker import build_worker
 
         sql: Counter[str] = Counter()
         statements: Counter[str] = Counter()

@@ -4,9 +4,10 @@ import os
 
 from django.contrib import admin, messages
 from django.db import models
+from django.http import HttpResponse
 from django.utils.html import format_html
 
-from jobs import budget_admin, operator  # noqa: F401 - budget_admin registers BudgetAdmin
+from jobs import budget_admin, operator, provider_keys, rq_admin, webhook_admin  # noqa: F401 - they register
 from jobs.breaker_admin import BreakerAdminMixin
 from jobs.models import ApiToken, Attempt, Job, JobEvent, ModelPrice, Provider, Workload
 from jobs.workload_admin import PromptTemplateVersionInline, prompt_preview
@@ -23,8 +24,8 @@ class ProviderAdmin(BreakerAdminMixin, admin.ModelAdmin):
     list_filter = ["kind", "is_active"]
     search_fields = ["name", "base_url"]
     inlines = [ModelPriceInline]
-    readonly_fields = ["api_key_status", "breaker_status"]
-    actions = ["reset_breakers"]
+    readonly_fields = ["api_key_status", "breaker_status", "credit_status"]
+    actions = ["reset_breakers", "clear_out_of_credit"]
     # A base URL typed without a scheme means https (Django 6's default; explicit for 5.2).
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
 
@@ -33,11 +34,34 @@ class ProviderAdmin(BreakerAdminMixin, admin.ModelAdmin):
         # Only whether the variable is set is ever shown, never its value.
         if not obj.api_key_env:
             return "not required"
+        if problem := provider_keys.refusal(obj.api_key_env):
+            # Not even whether it is set: that too would tell about the workers' environment.
+            return format_html('<strong style="color:#c0392b">refused: {}</strong>', problem)
         if os.environ.get(obj.api_key_env):
             return f"set ({obj.api_key_env})"
         return format_html(
             '<strong style="color:#c0392b">missing: {} is not set</strong>', obj.api_key_env
         )
+
+    @admin.display(description="Credit")
+    def credit_status(self, obj: Provider) -> str:
+        if not obj.is_out_of_credit:
+            return "ok"
+        return format_html(
+            '<strong style="color:#c0392b">out of credit since {}</strong>: {}',
+            obj.out_of_credit_since,
+            obj.out_of_credit_reason,
+        )
+
+    @admin.action(description="Credit added: clear out of credit and resume held jobs")
+    def clear_out_of_credit(self, request, queryset) -> None:
+        for provider in queryset:
+            try:
+                released = operator.do_clear_out_of_credit(provider, actor=request.user)
+            except operator.OperatorError as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                self.message_user(request, f"{provider}: {released} held job(s) released.")
 
 
 @admin.register(Workload)
@@ -159,10 +183,17 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: ApiToken, form, change) -> None:
         if not change:
-            key = obj.set_new_key()
-            messages.warning(
-                request,
-                f"API token created: {key} — copy it now; it is not stored and will not be "
-                "shown again.",
-            )
+            # Kept on this instance only, for response_add. Not a message: the messages
+            # framework keeps them in a cookie (signed, readable) until the next page.
+            obj.new_key = obj.set_new_key()
         super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj: ApiToken, post_url_continue=None) -> HttpResponse:
+        return webhook_admin.shown_once(
+            self,
+            request,
+            "admin/jobs/apitoken/created.html",
+            title="API token created",
+            token=obj,
+            key=obj.new_key,
+        )

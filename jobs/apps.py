@@ -6,5 +6,8 @@ class JobsConfig(AppConfig):
     verbose_name = "Jobs"
 
     def ready(self) -> None:
-        # Signal receivers: attempts settle budgets; a saved budget releases held jobs.
+        # Signal receivers: a saved budget releases held jobs; webhooks hear of a job's end;
+        # attempts settle budgets; the live
+        # list updates' batcher registers itself with jobs.live.
+        from jobs import live_batch, services, webhooks  # noqa: F401
         from jobs.flow import budgets  # noqa: F401

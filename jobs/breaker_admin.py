@@ -39,12 +39,25 @@ class BreakerAdminMixin:
             status = breaker.status(obj)
         except redis.RedisError as exc:
             return f"unknown (Redis unavailable: {exc})"
+        rate = "—" if status.failure_rate is None else f"{status.failure_rate:.0%}"
         summary = format_html(
-            '<strong style="color:{}">{}</strong> · {} consecutive failures',
+            '<strong style="color:{}">{}</strong> · {} consecutive failures · failure rate {} of '
+            "the last {} calls (opens at {} from {} calls)",
             STATE_COLOURS.get(status.state, "inherit"),
             status.state.replace("_", "-"),
             status.failures,
+            rate,
+            status.window_calls,
+            f"{obj.breaker_failure_rate:.0%}",
+            obj.breaker_min_calls,
         )
+        if status.state == breaker.HALF_OPEN:
+            summary = format_html(
+                "{} · {} of {} probes succeeded",
+                summary,
+                status.probe_successes,
+                obj.breaker_probe_successes,
+            )
         if status.state != breaker.CLOSED:
             summary = format_html(
                 "{} · opened {} · probe at {}",

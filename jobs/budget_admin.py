@@ -42,18 +42,24 @@ class BudgetAdmin(admin.ModelAdmin):
         "cap_usd",
         "alert_threshold",
         "on_exhausted",
-        "period_start",
+        "period_began",
         "spent",
         "reserved",
         "remaining",
         "usage",
         "ledger",
     ]
-    readonly_fields = ["period_start", "spent", "reserved", "remaining", "usage", "ledger"]
+    readonly_fields = ["period_began", "spent", "reserved", "remaining", "usage", "ledger"]
 
     @admin.display(description="scope")
     def scope(self, obj: Budget) -> str:
         return obj.workload.name if obj.workload_id else "global"
+
+    @admin.display(description="period start")
+    def period_began(self, obj: Budget) -> str:
+        if obj.pk is None:
+            return "when the budget is saved"
+        return budgets.local_time_text(obj.period_start)
 
     @admin.display(description="spent (USD)")
     def spent(self, obj: Budget) -> str:
@@ -88,7 +94,7 @@ class BudgetAdmin(admin.ModelAdmin):
         return format_html(
             '{} attempt(s), {} USD — <a href="{}?started_at__gte={}">see the ledger</a>',
             attempts.count(),
-            total,
+            budgets.usd_text(total),
             url,
             obj.period_start.strftime("%Y-%m-%d %H:%M:%S"),
         )

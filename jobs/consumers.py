@@ -14,7 +14,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from jobs import live
-from jobs.views import can_change_job, visible_jobs
+from jobs.access import can_change_job, visible_jobs
 
 FORBIDDEN = 4403
 
@@ -83,6 +83,9 @@ class JobListConsumer(LiveConsumer):
         return live.list_group_for(user)
 
     async def jobs_update(self, event: dict) -> None:
-        html = "".join(event["parts"][name] for name in self.parts if name in event["parts"])
+        # One frame carries every job that changed since the last (jobs.live_batch); a
+        # process not yet upgraded sends one job's `parts`.
+        items = event.get("items") or [event.get("parts", {})]
+        html = "".join(item[name] for item in items for name in self.parts if name in item)
         if html:
             await self.send(text_data=html)

@@ -1,4 +1,5 @@
-"""Documents: text out of an uploaded file, split into chunks, mapped and reduced.
+"""Documents: text out of an uploaded file, split into chunks (mapped and reduced by
+runs.mapreduce; submitted by services.do_submit_document).
 
 Design (child jobs, chosen so that a failed chunk is retried alone with the machinery every
 job already has):
@@ -38,27 +39,17 @@ from __future__ import annotations
 import io
 import logging
 import re
-import uuid
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
-from django.db.models import Count, Max, Q
-from django.db.models.functions import Greatest, Length
-from django.utils import timezone
+from django.db.models import Count, Q
 
-from jobs import queueing, services
-from jobs.flow import budgets
-from jobs.models import Job, JobEvent, Workload
+from jobs import costs, inputs, kinds
+from jobs.models import Job, Workload
 
 log = logging.getLogger(__name__)
 
-# The document's safety-net wake-up while it waits for its chunks, should a chunk's wake-up
-# be lost (a process dying between the chunk's commit and the wake-up).
-CHECK_INTERVAL_S = 120
 TYPES = {"pdf": "PDF", "docx": "Word (.docx)", "txt": "plain text", "md": "Markdown"}
 BAD_CHUNK_STATUSES = frozenset({Job.Status.FAILED, Job.Status.CANCELLED, Job.Status.EXPIRED})
 
@@ -150,6 +141,8 @@ def extract(filename: str, data: bytes) -> Document:
     else:
         text = _plain_text(filename, data)
     text = normalize(text)
+    if problem := inputs.text_problem(text):  # a PDF's text can hold anything
+        raise DocumentError(f"{filename} cannot be read as text: its text {problem}.")
     if not text.strip():
         hint = " (a scanned PDF has images, not text)" if kind == "pdf" else ""
         raise DocumentError(f"{filename} contains no text{hint}.")
@@ -255,33 +248,7 @@ def _split(text: str, size: int, separators: tuple[str, ...]) -> list[str]:
     return pieces
 
 
-# --------------------------------------------------------------------------- submission
-
-
-def do_submit_document(
-    *,
-    workload: Workload,
-    document: Document,
-    user: AbstractBaseUser | None,
-    priority: str = "",
-    idempotency_key: str = "",
-    start_at: datetime | None = None,
-    deadline: datetime | None = None,
-) -> tuple[Job, bool]:
-    return services.do_submit_job(
-        workload=workload,
-        input_text=document.text,
-        user=user,
-        priority=priority,
-        idempotency_key=idempotency_key,
-        start_at=start_at,
-        deadline=deadline,
-        input_data=document.metadata,
-        max_input_chars=settings.AIQUEUE_DOCUMENT_MAX_CHARS,
-    )
-
-
-# --------------------------------------------------------------------------- the parent's run
+# --------------------------------------------------------------------------- a document's chunks
 
 
 def is_document_parent(job: Job) -> bool:
@@ -291,32 +258,23 @@ def is_document_parent(job: Job) -> bool:
 def reduce_input_tokens(job: Job) -> int:
     """The most input the document's reduce call can have: the system prompt, the reduce
     prompt and every chunk's answer under its "Part N:" heading, each at the workload's max
-    output tokens or, once written, its real length if longer (a reviewer's correction can
-    be). Before the split, chunks are counted from the text as `_fan_out` will split it.
-    Budgets reserve the reduce call with this, so a document held for budget is released
-    only when its real call fits."""
+    output tokens or, once written, its own bound if larger (a reviewer's correction can be;
+    jobs.costs has the rule). Before the split, chunks are counted from the text as `_fan_out`
+    will split it. Budgets reserve the reduce call with this, so a document held for budget
+    is released only when its real call fits."""
     workload = job.workload
-    lengths = list(
-        job.children.annotate(
-            chars=Greatest(Length("output_text"), Length("corrected_output"))
-        ).values_list("chars", flat=True)
-    )
-    if not lengths:
-        lengths = [0] * len(split_into_chunks(job.input_text, workload.chunk_chars))
-    from jobs import kinds
-
+    answers = [
+        corrected or output
+        for output, corrected in job.children.values_list("output_text", "corrected_output")
+    ]
+    if not answers:
+        answers = [""] * len(split_into_chunks(job.input_text, workload.chunk_chars))
     template = workload.reduce_prompt or kinds.DEFAULT_REDUCE_PROMPT
-    heading = budgets.estimate_tokens(f"Part {len(lengths)}:\n\n\n")
-    answers = sum(
-        max(workload.max_output_tokens, kinds.estimate_tokens(chars)) for chars in lengths
+    heading = costs.text_tokens(f"Part {len(answers)}:\n\n\n")
+    parts = sum(
+        max(workload.max_output_tokens, costs.text_tokens(text)) + heading for text in answers
     )
-    return (
-        budgets.estimate_tokens(workload.system_prompt)
-        + budgets.estimate_tokens(template)
-        + answers
-        + len(lengths) * heading
-        + 2 * budgets.MESSAGE_OVERHEAD_TOKENS
-    )
+    return costs.input_tokens(kinds.system_prompt_for(workload), template) + parts
 
 
 def chunk_counts(job: Job) -> dict[str, int]:
@@ -328,170 +286,3 @@ def chunk_counts(job: Job) -> dict[str, int]:
     )
     counts["open"] = counts["total"] - counts["succeeded"] - counts["bad"] - counts["review"]
     return counts
-
-
-def ready_to_reduce(job: Job, token: uuid.UUID) -> bool:
-    """Called at the start of a document job's run. Fans the chunks out on the first run;
-    parks the job while chunks are open; sends it to review when a chunk failed. Returns
-    True only when every chunk succeeded and the reduce call should be made now."""
-    if not job.children.exists():
-        _fan_out(job, token)
-        return False
-    counts = chunk_counts(job)
-    if counts["bad"] and _retry_seen_bad_chunks(job, token):
-        return False
-    if counts["bad"]:
-        _fail_on_bad_chunks(job, token, counts)
-        return False
-    if counts["open"] or counts["review"]:
-        waiting_for = counts["open"] + counts["review"]
-        _park(job, token, f"{waiting_for} of {counts['total']} chunks still to finish")
-        return False
-    services.do_set_progress(
-        job,
-        stage="reducing",
-        message=f"combining {counts['total']} chunks",
-        percent=95,
-        token=token,
-    )
-    if counts["total"] == 1:
-        # One chunk: its answer is the document's; a reduce call would only rephrase it.
-        from jobs import kinds
-
-        only = job.children.get()
-        kinds.finish(
-            job, token, kinds.Verdict(output_text=only.final_output, confidence=only.confidence)
-        )
-        return False
-    return True
-
-
-def _fan_out(job: Job, token: uuid.UUID) -> None:
-    chunks = split_into_chunks(job.input_text, job.workload.chunk_chars)
-    # One transaction: the chunks are enqueued (on commit) only once the document is parked,
-    # so even the fastest chunk finds it waiting and can wake it.
-    with transaction.atomic():
-        for index, chunk in enumerate(chunks):
-            services.do_submit_job(
-                workload=job.workload,
-                input_text=chunk,
-                user=job.submitted_by,
-                priority=job.priority,
-                parent=job,
-                chunk_index=index,
-                max_input_chars=max(services.MAX_INPUT_CHARS, len(chunk)),
-            )
-        JobEvent.objects.create(
-            job=job,
-            from_status=job.status,
-            to_status=job.status,
-            reason=f"split into {len(chunks)} chunks",
-            data={"chunks": len(chunks)},
-        )
-        services.do_park_job(
-            job,
-            reason=f"{len(chunks)} of {len(chunks)} chunks still to finish",
-            resume_at=timezone.now() + timedelta(seconds=CHECK_INTERVAL_S),
-            token=token,
-        )
-        Job.objects.filter(pk=job.pk).update(progress_percent=0)
-    log.info("job=%s document split into %d chunks", job.code, len(chunks))
-
-
-def _park(job: Job, token: uuid.UUID, reason: str) -> None:
-    services.do_park_job(
-        job,
-        reason=reason,
-        resume_at=timezone.now() + timedelta(seconds=CHECK_INTERVAL_S),
-        token=token,
-    )
-    # The last chunk may have settled while this run was deciding (it could not wake a
-    # running document): look once more now that the document is waiting.
-    counts = chunk_counts(job)
-    if counts["open"] == 0 and (counts["review"] == 0 or counts["bad"]):
-        services.do_resume_job(job, reason="chunks settled")
-
-
-def _retry_seen_bad_chunks(job: Job, token: uuid.UUID) -> bool:
-    """A document run again after it was escalated for failed chunks (a reviewer's retry)
-    re-queues exactly those chunks, never the ones that succeeded, and waits for them."""
-    escalated_at = job.events.filter(to_status=Job.Status.NEEDS_REVIEW).aggregate(
-        at=Max("created_at")
-    )["at"]
-    if escalated_at is None:
-        return False
-    seen = list(
-        job.children.filter(status__in=BAD_CHUNK_STATUSES, finished_at__lte=escalated_at)
-        .select_related("workload")
-        .order_by("chunk_index")
-    )
-    if not seen:
-        return False
-    with transaction.atomic():
-        for chunk in seen:
-            won = services.transition(
-                chunk,
-                BAD_CHUNK_STATUSES,
-                Job.Status.QUEUED,
-                reason="chunk retried with its document",
-                stage="queued",
-                error="",
-                error_class="",
-                queued_at=timezone.now(),
-                finished_at=None,
-                progress_percent=0,
-                progress_message="",
-            )
-            if won:
-                transaction.on_commit(lambda c=chunk: queueing.enqueue(c))
-    _park(job, token, f"{len(seen)} retried chunk(s) still to finish")
-    return True
-
-
-def _fail_on_bad_chunks(job: Job, token: uuid.UUID, counts: dict[str, int]) -> None:
-    from jobs import runner
-    from jobs.providers.base import ProviderError
-
-    bad = list(
-        job.children.filter(status__in=BAD_CHUNK_STATUSES)
-        .order_by("chunk_index")
-        .values_list("chunk_index", flat=True)
-    )
-    numbers = ", ".join(str(i + 1) for i in bad[:20])
-    runner.handle_failure(
-        job,
-        token,
-        ProviderError(
-            f"{len(bad)} of {counts['total']} chunks did not succeed (chunk {numbers}); "
-            "retry the failed chunks to resume the document",
-            retryable=False,
-            error_class="chunk_failed",
-        ),
-    )
-
-
-def on_chunk_settled(chunk: Job) -> None:
-    """A chunk settled (its run ended, or review resolved it): update the document's
-    progress; wake it when no chunk is open."""
-    parent = Job.objects.select_related("workload").filter(pk=chunk.parent_id).first()
-    if parent is None:
-        return
-    counts = chunk_counts(parent)
-    done = counts["succeeded"]
-    Job.objects.filter(pk=parent.pk, status=Job.Status.WAITING).update(
-        progress_percent=int(90 * done / max(1, counts["total"])),
-        progress_message=f"{done} / {counts['total']} chunks done"
-        + (f", {counts['bad']} failed" if counts["bad"] else "")
-        + (f", {counts['review']} in review" if counts["review"] else ""),
-        updated_at=timezone.now(),
-    )
-    services.publish_on_commit(parent)
-    if counts["open"] == 0 and (counts["review"] == 0 or counts["bad"]):
-        services.do_resume_job(parent, reason="chunks settled")
-
-
-def combined_chunk_outputs(job: Job) -> str:
-    parts = []
-    for child in job.children.order_by("chunk_index"):
-        parts.append(f"Part {child.chunk_index + 1}:\n{child.final_output.strip()}")
-    return "\n\n".join(parts)

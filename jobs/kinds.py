@@ -1,7 +1,7 @@
 """What each workload kind sends to the model and how its answer is judged.
 
-`build_request(job)` turns a job into a CompletionRequest; `handle_output(job, token, ...)`
-parses and validates the answer and either finishes the job or escalates it to review:
+`build_request(job)` turns a job into a CompletionRequest; `parse(workload, completion)` judges
+the answer as a `Verdict` (runs.outcomes acts on it: finish, repair, escalate):
 
 | kind      | request                                   | output                                  |
 |-----------|-------------------------------------------|-----------------------------------------|
@@ -11,7 +11,7 @@ parses and validates the answer and either finishes the job or escalates it to r
 |           | response format                           | repair call with the validation error   |
 | summarize | streamed free text, length instructions   | free text within min/max characters;    |
 | generate  |                                           | optional self-rated "Confidence: 0.8"   |
-| document  | map: one call per chunk (child jobs);     | like summarize (see jobs/documents.py)  |
+| document  | map: one call per chunk (child jobs);     | like summarize (runs/mapreduce.py)     |
 |           | reduce: one call over the chunk results   |                                         |
 
 Model output is untrusted: it is parsed, never executed, and stored as data.
@@ -19,29 +19,17 @@ Model output is untrusted: it is parsed, never executed, and stored as data.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
-import math
 import re
-import uuid
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jsonschema
 from jsonschema.exceptions import best_match
 
-from jobs import services
+from jobs import inputs
 from jobs.models import Job, Workload
-from jobs.providers.base import Completion, CompletionRequest, ProviderError
-from review import rules as review_rules
-from review import services as review_services
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-log = logging.getLogger(__name__)
+from jobs.providers.base import Completion, CompletionRequest
 
 Kind = Workload.Kind
 TEXT_KINDS = frozenset({Kind.SUMMARIZE, Kind.GENERATE, Kind.DOCUMENT})
@@ -77,37 +65,6 @@ class Verdict:
         return not self.problem
 
 
-# --------------------------------------------------------------------------- workload checks
-
-
-def workload_errors(workload: Workload) -> dict[str, str]:
-    """Configuration errors per field (Workload.clean and the admin show them)."""
-    errors: dict[str, str] = {}
-    labels = workload.labels
-    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
-        errors["labels"] = 'Labels must be a JSON list of non-empty strings, e.g. ["a", "b"].'
-    elif workload.kind == Kind.CLASSIFY and len(labels) < 2:
-        errors["labels"] = "A classify workload needs at least two labels."
-    if workload.kind == Kind.EXTRACT:
-        schema = workload.output_schema
-        if not isinstance(schema, dict) or not schema:
-            errors["output_schema"] = "An extract workload needs a JSON Schema (a JSON object)."
-        else:
-            try:
-                jsonschema.validators.validator_for(schema).check_schema(schema)
-            except jsonschema.SchemaError as exc:
-                errors["output_schema"] = f"Not a valid JSON Schema: {exc.message}"
-    if (
-        workload.min_output_chars is not None
-        and workload.max_output_chars is not None
-        and workload.min_output_chars > workload.max_output_chars
-    ):
-        errors["max_output_chars"] = "The maximum is below the minimum."
-    if not isinstance(workload.sample_input, dict):
-        errors["sample_input"] = 'Sample input must be a JSON object: {"field": "value"}.'
-    return errors
-
-
 # --------------------------------------------------------------------------- requests
 
 
@@ -125,6 +82,35 @@ def render_input_text(fields: dict[str, str]) -> str:
     if list(fields) == ["input"]:
         return fields["input"]
     return "\n".join(f"{name}: {value}" for name, value in fields.items())
+
+
+class FieldsError(inputs.InvalidInput):
+    """Named fields refused: which are missing (or blank), which the template does not have."""
+
+    def __init__(self, workload: Workload, missing: list[str], unknown: list[str]) -> None:
+        self.missing, self.unknown = missing, unknown
+        problems = []
+        if missing:
+            problems.append(f"missing or empty: {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unknown: {', '.join(unknown)}")
+        expected = ", ".join(workload.input_fields)
+        super().__init__(f"Fields of {workload.name!r} ({expected}): {'; '.join(problems)}.")
+
+
+def named_input(workload: Workload, values: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The one reading of a job's named fields, wherever they come from (the form's
+    `field_<name>` inputs, the API's `fields`, a batch row through its column mapping): every
+    field of the workload's template present and not blank, no other. Returns the job's
+    (input_text, input_data); raises FieldsError. The text's own limits (length, what a database
+    can store) are services.do_submit_job's, for every way in."""
+    names = workload.input_fields
+    missing = [name for name in names if not str(values.get(name) or "").strip()]
+    unknown = sorted(set(values) - set(names))
+    if missing or unknown:
+        raise FieldsError(workload, missing, unknown)
+    data = {name: str(values[name]) for name in names}
+    return render_input_text(data), data
 
 
 def system_prompt_for(workload: Workload) -> str:
@@ -152,12 +138,17 @@ def system_prompt_for(workload: Workload) -> str:
     return system.strip()
 
 
+def response_schema(workload: Workload) -> dict[str, Any] | None:
+    """The JSON Schema the answer is asked to follow: an extract workload's, else none."""
+    if workload.kind != Kind.EXTRACT:
+        return None
+    return workload.output_schema or {"type": "object"}
+
+
 def build_request(job: Job) -> CompletionRequest:
-    """The provider request for one run of `job`, and record the template version it uses."""
+    """The provider request for one run of `job` (the runner records the template version
+    it uses: `services.do_note_template_version`)."""
     workload: Workload = job.workload
-    if job.template_version != workload.template_version:
-        Job.objects.filter(pk=job.pk).update(template_version=workload.template_version)
-        job.template_version = workload.template_version
     request = CompletionRequest(
         model=workload.model,
         system_prompt=system_prompt_for(workload),
@@ -168,14 +159,12 @@ def build_request(job: Job) -> CompletionRequest:
     if workload.kind == Kind.CLASSIFY:
         request.labels = list(workload.labels or [])
     elif workload.kind == Kind.EXTRACT:
-        request.json_schema = workload.output_schema or {"type": "object"}
+        request.json_schema = response_schema(workload)
     elif workload.kind in (Kind.SUMMARIZE, Kind.GENERATE):
         request.stream = True
     elif workload.kind == Kind.DOCUMENT and job.parent_id is None:
-        # The reduce call of a document: its input is the chunk results (jobs.documents).
-        from jobs import documents
-
-        combined = documents.combined_chunk_outputs(job)
+        # The reduce call of a document: its input is the chunk results.
+        combined = combined_chunk_outputs(job)
         template = workload.reduce_prompt or DEFAULT_REDUCE_PROMPT
         request.user_prompt = template.replace("{input}", combined)
         request.stream = True
@@ -237,9 +226,11 @@ def parse_json(workload: Workload, text: str) -> Verdict:
         body = fenced.group(1)
     verdict = Verdict(output_text=text)
     try:
-        data = json.loads(body)
-    except ValueError as exc:
-        verdict.problem, verdict.reason = f"not valid JSON: {exc}", "invalid_output"
+        # Not JSON, nested deeper than anything here walks, or its own escapes spell text no
+        # column can hold (a lone "\ud800"): invalid output, repaired or shown to a human.
+        data = inputs.load_json(body, "the answer")
+    except inputs.InvalidInput as exc:
+        verdict.problem, verdict.reason = str(exc), "invalid_output"
         return verdict
     verdict.output_data = data
     verdict.output_text = json.dumps(data, indent=2, ensure_ascii=False)
@@ -279,126 +270,9 @@ def parse_text(workload: Workload, completion: Completion) -> Verdict:
     return verdict
 
 
-# --------------------------------------------------------------------------- outcomes
-
-
-def handle_output(
-    job: Job,
-    token: uuid.UUID,
-    completion: Completion,
-    request: CompletionRequest,
-    *,
-    call: Callable[[Job, CompletionRequest], Completion],
-) -> None:
-    """Judge the answer; finish the job, repair once (extract), or escalate to review.
-
-    `call` is the runner's ledgered provider call through the retry layer, so a repair is an
-    Attempt like any other and a transient failure of it is retried.
-    """
-    workload = job.workload
-    verdict = parse(workload, completion)
-    evidence: dict[str, Any] = {}
-    if not verdict.ok and workload.kind == Kind.EXTRACT and verdict.reason == "invalid_output":
-        evidence = {"first_answer": completion.text[:4000], "first_error": verdict.problem}
-        repair = dataclasses.replace(
-            request,
-            user_prompt=request.user_prompt
-            + REPAIR_PROMPT.format(answer=completion.text[:4000], error=verdict.problem),
-        )
-        services.do_set_progress(job, stage="repairing", message=verdict.problem, token=token)
-        try:
-            completion = call(job, repair)
-        except ProviderError as exc:
-            # Retried already (or the job's attempts are used up): a reviewer gets the first
-            # answer and its problem, and can fix it by hand.
-            evidence["repair_error"] = exc.message[:500]
-            escalate(job, token, verdict, {**evidence, "problem": verdict.problem})
-            return
-        verdict = parse(workload, completion)
-        evidence["repaired"] = verdict.ok
-    if verdict.ok:
-        finish(job, token, verdict)
-    else:
-        escalate(job, token, verdict, {**evidence, "problem": verdict.problem})
-
-
-def _store_output(job: Job, token: uuid.UUID, verdict: Verdict) -> None:
-    # Written before the status change so the finished (or escalated) job is never seen
-    # without its parsed output; the run token keeps a stale run from writing.
-    if verdict.output_data is None and job.output_data is None:
-        return  # nothing stored, nothing to store (read when the run began)
-    Job.objects.filter(pk=job.pk, run_token=token).update(output_data=verdict.output_data)
-    job.output_data = verdict.output_data
-
-
-def finish(job: Job, token: uuid.UUID, verdict: Verdict) -> None:
-    """A valid answer: the review rules (sampling for QA) may still send it to a human."""
-    _store_output(job, token, verdict)
-    accepted = Completion(
-        text=verdict.output_text, tokens_in=0, tokens_out=0, confidence=verdict.confidence
-    )
-    escalation = review_rules.rule_for_output(job, accepted)
-    if escalation is not None:
-        reason, evidence = escalation
-        _escalate(job, token, verdict, reason, evidence)
-        return
-    services.do_finish_run(
-        job, token, output_text=verdict.output_text, confidence=verdict.confidence
-    )
-    log.info("job=%s succeeded", job.code)
-    after_run(job)
-
-
-def escalate(job: Job, token: uuid.UUID, verdict: Verdict, evidence: dict[str, Any]) -> None:
-    """Send the job to the review inbox with its output kept for the reviewer."""
-    _store_output(job, token, verdict)
-    _escalate(job, token, verdict, verdict.reason, evidence)
-
-
-def _escalate(
-    job: Job, token: uuid.UUID, verdict: Verdict, reason: str, evidence: dict[str, Any]
-) -> None:
-    review_services.do_escalate(
-        job,
-        token,
-        reason=reason,
-        evidence=evidence,
-        output_text=verdict.output_text,
-        confidence=verdict.confidence,
-    )
-    log.info("job=%s escalated (%s): %s", job.code, reason, verdict.problem)
-    after_run(job)
-
-
-def after_run(job: Job) -> None:
-    """A run ended (finished, escalated or failed), or review settled the job: let the job's
-    document and batch move on."""
-    if job.parent_id is not None:
-        from jobs import documents
-
-        documents.on_chunk_settled(job)
-    if job.batch_id is not None:
-        from batches import services as batch_services
-
-        batch_services.on_job_settled(job)
-
-
-# --------------------------------------------------------------------------- cost estimates
-
-
-def estimate_tokens(chars: int) -> int:
-    # ~4 characters per token: the usual rule of thumb for English with OpenAI-style BPE.
-    return max(1, math.ceil(chars / 4))
-
-
-def estimate_cost(workload: Workload, prompt_chars: int, *, price=None) -> Decimal | None:
-    """Worst-case cost of one job whose user message has `prompt_chars` characters (None
-    when the model has no price). Extract counts its repair call, which resends the prompt."""
-    price = price if price is not None else workload.provider.price_for(workload.model)
-    if price is None:
-        return None
-    tokens_in = estimate_tokens(prompt_chars + len(system_prompt_for(workload)))
-    cost = price.cost(tokens_in, workload.max_output_tokens)
-    if workload.kind == Kind.EXTRACT:
-        cost += price.cost(tokens_in + workload.max_output_tokens, workload.max_output_tokens)
-    return cost
+def combined_chunk_outputs(job: Job) -> str:
+    """A document's reduce input: every chunk's final answer under its "Part N:" heading."""
+    parts = []
+    for child in job.children.order_by("chunk_index"):
+        parts.append(f"Part {child.chunk_index + 1}:\n{child.final_output.strip()}")
+    return "\n\n".join(parts)

@@ -11,7 +11,8 @@ Groups (consumers in jobs/consumers.py join them):
   viewers who may change the job and for the rest; the consumer picks one per connection), or
   only the output streamed so far (``job.output``).
 - ``jobs-all`` (viewers with ``jobs.view_job``) and ``jobs-user-<pk>`` (everyone else, own jobs
-  only): the job list and the dashboard. Messages ``jobs.update`` carry ``parts``, a dict of
+  only): the job list and the dashboard. Messages ``jobs.update`` carry ``items``, one per job
+  that changed since the group's last frame (jobs.live_batch coalesces them), each a dict of
   name → out-of-band HTML; a connection asks for the parts its page shows (``?parts=row,counters``)
   so no page receives fragments it has no target for. To make another page region live, add a
   renderer to ``LIST_PARTS`` and the part name to that page's ``ws-connect`` URL. Part ``new``
@@ -42,10 +43,14 @@ from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.template.loader import render_to_string
 
-from jobs import queueing
+from jobs import queueing, timeline
 from jobs.models import Attempt, Job, JobEvent, Provider
 
 log = logging.getLogger(__name__)
+
+# The list pages' coalescing batcher: jobs.live_batch registers itself here when imported
+# (jobs.apps imports it in every process), so this module needs no import of it.
+list_batcher = None
 
 # Seconds to wait for the channel layer before giving up on one publish.
 SEND_TIMEOUT = 2.0
@@ -102,6 +107,11 @@ class _LoopThread:
 
 
 _loop_thread = _LoopThread()
+
+
+def publishing_loop() -> asyncio.AbstractEventLoop:
+    """The process's one loop for publishes (jobs.live_batch sends its frames on it too)."""
+    return _loop_thread.loop()
 
 
 def send(messages: list[tuple[str, dict[str, Any]]]) -> bool:
@@ -235,10 +245,12 @@ def _job_for_render(job_pk: int, like: Job | None = None) -> Job | None:
 
 def render_job_update(job: Job) -> dict[str, Any]:
     """The detail page's live partials, out-of-band, as one ``job.update`` message."""
+    attempts, events = job_ledger(job), job_history(job)
     context = {
         "job": job,
-        "attempts": job_ledger(job),
-        "events": job_history(job),
+        "attempts": attempts,
+        "events": events,
+        "timeline": timeline.build(events, attempts),
         "oob": True,
     }
     html = render_to_string("jobs/detail.html#job-oob", context)
@@ -281,6 +293,8 @@ LIST_PARTS: dict[str, Callable[[Job, QuerySet[Job]], str]] = {
     "row": render_row,
     "counters": render_counters,
 }
+# Parts that show the whole list, not the job's row: one per frame (jobs.live_batch).
+WHOLE_LIST_PARTS = ("counters",)
 
 
 def list_groups(job: Job) -> list[tuple[str, Callable[[], QuerySet[Job]]]]:
@@ -370,10 +384,14 @@ def publish_job(job_or_pk: Job | int, *, created: bool = False) -> bool:
         if job_group(job.code) in watched:
             # The job's own page first: it should not wait for the list and counters to render.
             sent = send([(job_group(job.code), render_job_update(job))])
-        updates = render_list_updates(job, created=created, only=watched)
+        # The list pages get their rows coalesced: one frame per group per short interval
+        # (jobs.live_batch), each changed row as it is when the frame is made.
+        lists = [group for group, _ in list_groups(job) if group in watched]
+        if lists and list_batcher is not None:
+            list_batcher.add(job, lists, created=created)
         if job.batch_id is not None and batch_group(job.batch_id) in watched:
-            updates.append((batch_group(job.batch_id), STALE_MESSAGE))
-        return (send(updates) if updates else True) and sent
+            sent = send([(batch_group(job.batch_id), STALE_MESSAGE)]) and sent
+        return sent
     except Exception:
         log.warning("live render of job pk=%s failed", job_pk, exc_info=True)
         return False
@@ -398,7 +416,7 @@ class OutputStream:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = job
-        # Called before each chunk is taken: may raise to cut the call (jobs.runner.RunStop).
+        # Called before each chunk is taken: may raise to cut the call (runs.runner.RunStop).
         self.before = before
         self.interval = interval
         self.on_first = on_first

@@ -1,7 +1,7 @@
 """The durable record of AI work: providers, workloads, jobs, their attempts and their history.
 
 The Job row is the source of truth. Redis holds only a copy of "what to run next"; everything
-needed to rebuild it lives here (see jobs.reconcile).
+needed to rebuild it lives here (see runs.reconcile).
 """
 
 from __future__ import annotations
@@ -10,13 +10,19 @@ import hashlib
 import re
 import secrets
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
+import jsonschema
 from django.conf import settings
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
+
+from jobs.provider_keys import HELP_TEXT as KEY_VAR_HELP_TEXT
+from jobs.provider_keys import validate_key_var
 
 MILLION = Decimal(1_000_000)
 
@@ -37,8 +43,8 @@ class Provider(models.Model):
         "API key environment variable",
         max_length=100,
         blank=True,
-        help_text="Name of the environment variable that holds the key. The key itself is "
-        "never stored, queued, logged or shown.",
+        validators=[validate_key_var],
+        help_text=KEY_VAR_HELP_TEXT,
     )
     connect_timeout_s = models.FloatField(default=5.0, validators=[MinValueValidator(0.1)])
     read_timeout_s = models.FloatField(
@@ -56,14 +62,67 @@ class Provider(models.Model):
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="Retries allowed as a fraction of recent calls, shared by all workers.",
     )
+    # The circuit breaker (jobs.flow.breaker): two rules open it, a consecutive one and a
+    # failure rate over a sliding window; probes close it.
     breaker_failure_threshold = models.PositiveIntegerField(
-        default=5,
+        default=3,
         validators=[MinValueValidator(1)],
         help_text="Consecutive failed calls that open the circuit breaker.",
     )
-    breaker_cooldown_s = models.PositiveIntegerField(
-        default=30, help_text="Seconds the breaker stays open before a half-open probe."
+    breaker_failure_rate = models.FloatField(
+        default=0.4,
+        validators=[MinValueValidator(0.01), MaxValueValidator(1.0)],
+        help_text="Failure rate (0–1) over the window at which the breaker opens.",
     )
+    breaker_window_calls = models.PositiveIntegerField(
+        default=20,
+        validators=[MinValueValidator(1)],
+        help_text="The failure-rate window: at most this many recent calls…",
+    )
+    breaker_window_s = models.PositiveIntegerField(
+        default=60, validators=[MinValueValidator(1)], help_text="…of the last this many seconds."
+    )
+    breaker_min_calls = models.PositiveIntegerField(
+        default=10,
+        validators=[MinValueValidator(1)],
+        help_text="The failure rate is judged only once the window holds this many calls.",
+    )
+    breaker_cooldown_s = models.PositiveIntegerField(
+        default=30,
+        help_text="Seconds the breaker stays open before a half-open probe (longer if the "
+        "failure that opened it sent a longer Retry-After).",
+    )
+    breaker_probe_successes = models.PositiveIntegerField(
+        default=5,
+        validators=[MinValueValidator(1)],
+        help_text="Probes in a row that must succeed to close the breaker (one at a time; a "
+        "failed probe opens it again).",
+    )
+
+    class MaxTokensField(models.TextChoices):
+        MAX_COMPLETION_TOKENS = "max_completion_tokens", "max_completion_tokens (OpenAI, Azure)"
+        MAX_TOKENS = "max_tokens", "max_tokens (older OpenAI-compatible servers)"
+
+    max_tokens_field = models.CharField(
+        "output limit parameter",
+        max_length=30,
+        choices=MaxTokensField.choices,
+        default=MaxTokensField.MAX_COMPLETION_TOKENS,
+        help_text="OpenAI-compatible kinds: how the output limit is sent. OpenAI deprecated "
+        "max_tokens (reasoning models refuse it); vLLM, Ollama or LiteLLM may know only it.",
+    )
+    anthropic_version = models.CharField(
+        "Anthropic API version",
+        max_length=20,
+        default="2026-10-21",
+        help_text="Anthropic kind: the anthropic-version header (default: what the current "
+        "official SDK sends).",
+    )
+    # Set when the provider answered that the account has no credit (quota / billing): its
+    # jobs are held until an operator clears it (jobs.credit). Written by conditional
+    # updates, never by save(): saving the row rebuilds its HTTP clients (client_for).
+    out_of_credit_since = models.DateTimeField(null=True, blank=True, editable=False)
+    out_of_credit_reason = models.CharField(max_length=300, blank=True, editable=False)
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -73,6 +132,10 @@ class Provider(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_out_of_credit(self) -> bool:
+        return self.out_of_credit_since is not None
 
     def price_for(self, model: str) -> ModelPrice | None:
         # One price per provider and model (a unique constraint): get(), which compiles no
@@ -90,6 +153,14 @@ class Provider(models.Model):
         # The read timeout must stay below the job timeout of every workload using it.
         from django.core.exceptions import ValidationError
 
+        if (
+            self.breaker_min_calls is not None
+            and self.breaker_window_calls is not None
+            and self.breaker_min_calls > self.breaker_window_calls
+        ):
+            raise ValidationError(
+                {"breaker_min_calls": "Cannot be more than the window's number of calls."}
+            )
         if not self.pk or self.read_timeout_s is None:
             return
         tight = Workload.objects.filter(
@@ -178,7 +249,11 @@ class Workload(models.Model):
     )
     max_output_tokens = models.PositiveIntegerField(default=512, validators=[MinValueValidator(1)])
     temperature = models.FloatField(
-        default=0.0, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)]
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(2.0)],
+        help_text="Blank: not sent, the model's default applies (current Anthropic models "
+        "and OpenAI's reasoning models take none).",
     )
     labels = models.JSONField(
         default=list, blank=True, help_text="Classify: the allowed labels, a JSON list."
@@ -269,11 +344,7 @@ class Workload(models.Model):
         )
 
     def clean(self) -> None:
-        from django.core.exceptions import ValidationError
-
-        from jobs import kinds
-
-        errors = kinds.workload_errors(self)
+        errors = workload_errors(self)
         errors.update(self.timeout_errors())
         if errors:
             raise ValidationError(errors)
@@ -354,6 +425,29 @@ class Job(models.Model):
     CANCELLABLE_STATUSES = frozenset(
         {Status.QUEUED, Status.WAITING, Status.HELD, Status.SCHEDULED, Status.RUNNING}
     )
+    # A job that ended, or waits for a reviewer, may run again (services.do_replay_job). One
+    # still on its way (queued, waiting, held, scheduled, running) has a run coming already.
+    REPLAYABLE_STATUSES = frozenset(
+        {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED, Status.NEEDS_REVIEW}
+    )
+
+    class WaitKind(models.TextChoices):
+        """What a job that is set aside (waiting, held, scheduled) waits for. The code that
+        parks it says so (services.do_park_job / do_hold_job); `wait_reason` is only the text
+        people read, and rewording it changes nothing."""
+
+        CAPACITY = "capacity", "Waiting for capacity"
+        RATE_LIMIT = "rate_limit", "Waiting for the rate limit"
+        BREAKER = "breaker", "Waiting for the provider to recover"
+        BACKOFF = "backoff", "Waiting to retry"
+        RETRY_BUDGET = "retry_budget", "Waiting for the provider's retry budget"
+        PAUSED = "paused", "Waiting: workload paused"
+        CHUNKS = "chunks", "Waiting for its chunks"
+        BUDGET = "budget", "Held by a budget"
+        CREDIT = "credit", "Held: provider out of credit"
+        SCHEDULED = "scheduled", "Scheduled"
+        OFF_PEAK = "off_peak", "Deferred to the off-peak window"
+        OTHER = "other", "Waiting"
 
     code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     workload = models.ForeignKey(Workload, on_delete=models.PROTECT, related_name="jobs")
@@ -372,6 +466,10 @@ class Job(models.Model):
     deadline = models.DateTimeField(null=True, blank=True)
     scheduled_for = models.DateTimeField(null=True, blank=True)
     wait_reason = models.CharField(max_length=200, blank=True)
+    # Set with wait_reason while the job is set aside, blank otherwise (Job.WaitKind).
+    wait_kind = models.CharField(max_length=20, choices=WaitKind.choices, blank=True)
+    # What it waits on, when a wake-up looks for it by that: "provider:<pk>" for a breaker.
+    wait_on = models.CharField(max_length=100, blank=True)
     resume_at = models.DateTimeField(null=True, blank=True)
 
     output_text = models.TextField(blank=True)
@@ -385,7 +483,7 @@ class Job(models.Model):
     # A reviewer's corrected output; `output_text` keeps what the model said. See final_output.
     corrected_output = models.TextField(blank=True)
     # Per-job changes a reviewer asked for on retry (provider id, model, temperature, prompt);
-    # jobs.runner.build_request applies them over the workload's settings.
+    # runs.runner.build_request applies them over the workload's settings.
     overrides = models.JSONField(default=dict, blank=True)
     # Issue #9: named template fields, the parsed output (labels, extracted object), the prompt
     # version the job ran with, and where it came from (a CSV batch row, a document's chunk).
@@ -399,11 +497,18 @@ class Job(models.Model):
         "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
     )
     chunk_index = models.PositiveIntegerField(null=True, blank=True)
+    # The job this one replays (same workload and input, run again: services.do_resubmit_job).
+    replay_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
+    )
 
     # Fencing token for the current run: a worker that lost its run (presumed dead, job
     # recovered and started elsewhere) cannot finish the job because its token no longer matches.
     run_token = models.UUIDField(null=True, blank=True, editable=False)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The worker process of the current run, "host/pid/start" (jobs.processes): on the same
+    # host a dead one is told from a stalled one, so its runs come back without waiting.
+    run_by = models.CharField(max_length=200, blank=True, editable=False)
 
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     queued_at = models.DateTimeField(null=True, blank=True)
@@ -415,6 +520,7 @@ class Job(models.Model):
         ordering = ["-created_at", "-id"]
         indexes = [
             models.Index(fields=["status", "created_at"]),
+            models.Index(fields=["status", "wait_kind"]),
             models.Index(fields=["workload", "status"]),
             models.Index(fields=["batch", "status"]),
         ]
@@ -452,37 +558,33 @@ class Job(models.Model):
         "review": "In review",
         "done": "Done",
     }
-    # What a waiting job waits for, by the kind of its `wait_reason` (see `wait_kind`).
-    WAIT_LABELS = {
-        "chunks": "Waiting for its chunks",
-        "capacity": "Waiting for capacity",
-        "rate_limit": "Waiting for the rate limit",
-        "breaker": "Waiting for the provider to recover",
-        "backoff": "Waiting to retry",
-        "paused": "Waiting: workload paused",
-    }
-
-    @property
-    def wait_kind(self) -> str:
-        """What a waiting job waits for: one of the dashboard's kinds
-        (jobs.stats.classify_wait_reason), or "chunks" for a document (jobs.documents). Every
-        parking path writes the stage "waiting" (services.do_park_job); only the reason it
-        gives tells them apart. A provider error that mentions chunks is still a retry."""
-        from jobs.stats import classify_wait_reason  # stats reads these models
-
-        kind = classify_wait_reason(self.wait_reason)
-        if kind == "other" and "chunk" in self.wait_reason.lower():
-            return "chunks"
-        return kind
 
     @property
     def stage_label(self) -> str:
         if self.stage == self.Status.WAITING:
-            return self.WAIT_LABELS.get(self.wait_kind, "Waiting")
+            return self.WaitKind(self.wait_kind or self.WaitKind.OTHER).label
         return self.STAGE_LABELS.get(self.stage, self.stage or "—")
+
+    def seconds_to_deadline(self, now: datetime | None = None) -> float | None:
+        """Seconds left until the job's deadline (0 or less once it passed), None without one.
+        Every deadline check reads the deadline through this or `is_past_deadline`."""
+        if self.deadline is None:
+            return None
+        return (self.deadline - (now or timezone.now())).total_seconds()
+
+    def is_past_deadline(self, now: datetime | None = None) -> bool:
+        left = self.seconds_to_deadline(now)
+        return left is not None and left <= 0
 
     def can_cancel(self) -> bool:
         return self.status in self.CANCELLABLE_STATUSES
+
+    def can_replay(self) -> bool:
+        # A document's run splits it and combines its chunks' results: replaying either part
+        # alone would leave the other stale (jobs.replay).
+        return (
+            self.status in self.REPLAYABLE_STATUSES and self.workload.kind != Workload.Kind.DOCUMENT
+        )
 
     @property
     def total_cost(self) -> Decimal:
@@ -503,13 +605,42 @@ class Job(models.Model):
         return self.cost_actual
 
     @property
+    def run_seconds(self) -> float | None:
+        """How long its last run took; for a running job, so far; None before it started."""
+        if self.started_at is None:
+            return None
+        if self.finished_at is not None:
+            return max(0.0, (self.finished_at - self.started_at).total_seconds())
+        if self.status == self.Status.RUNNING:
+            return max(0.0, (timezone.now() - self.started_at).total_seconds())
+        return None
+
+    @property
     def final_output(self) -> str:
         """What the job delivers: a reviewer's correction if there is one, else the model's."""
         return self.corrected_output or self.output_text
 
 
+class AttemptQuerySet(models.QuerySet):
+    def in_flight(self) -> AttemptQuerySet:
+        return self.filter(state=Attempt.State.IN_FLIGHT)
+
+
 class Attempt(models.Model):
-    """The cost ledger: one row per provider call, failed calls included."""
+    """The cost ledger: one row per provider call, failed calls included.
+
+    Written before the request leaves the process (`in_flight`, with its worst case) and
+    settled after (jobs.ledger), so a call cut off by a crash is still counted."""
+
+    class State(models.TextChoices):
+        # Written before the request leaves the process; its outcome is not known yet.
+        IN_FLIGHT = "in_flight", "in flight"
+        # The call ended in the process that made it: usage and cost as reported.
+        SETTLED = "settled", "settled"
+        # Its worker died mid-call: charged at `reserved_cost`, the outcome is unknown.
+        UNKNOWN = "unknown", "outcome unknown"
+        # Answered after the job had been recovered and run again: paid, result unused.
+        SUPERSEDED = "superseded", "superseded"
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempts")
     number = models.PositiveIntegerField()
@@ -524,6 +655,21 @@ class Attempt(models.Model):
     tokens_out = models.PositiveIntegerField(default=0)
     cost = models.DecimalField(max_digits=14, decimal_places=8, default=Decimal("0"))
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    state = models.CharField(max_length=20, choices=State.choices, default=State.SETTLED)
+    # Whether the provider bills this call (ProviderError.billed): answers are, error answers
+    # and refused connections are not. `max_attempts` bounds billed calls.
+    is_billed = models.BooleanField(default=True)
+    # The call's worst case, counted while it is in flight and charged if its outcome is lost.
+    reserved_cost = models.DecimalField(max_digits=14, decimal_places=8, default=Decimal("0"))
+    # By then the call is over whatever happened (its total deadline): a silent run is not
+    # recovered, and so its job not called again, before this has passed.
+    deadline_at = models.DateTimeField(null=True, blank=True)
+    # False for a call whose end the job did not cause: its worker stopped, died or stalled
+    # (outcome unknown, superseded, handed back, failed while the system was stopping). Such a
+    # call is paid like any other but does not use up one of the job's `max_attempts`.
+    consumes_attempt = models.BooleanField(default=True)
+
+    objects = AttemptQuerySet.as_manager()
 
     class Meta:
         # job_id, not job: "job" would join jobs_job to order by the job's own ordering.
@@ -669,9 +815,9 @@ class Budget(models.Model):
     def save(self, *args, **kwargs) -> None:
         self.cap_nanos = usd_to_nanos(self.cap_usd or 0)
         if self._state.adding:
-            from jobs.flow.budgets import period_start_for
-
-            self.period_start = period_start_for(self.period, timezone.now())
+            # The first period starts now, not at midnight or the 1st: spend is counted from
+            # here, and a period that said otherwise would disagree with the ledger.
+            self.period_start = timezone.now()
         update_fields = kwargs.get("update_fields")
         if update_fields is not None and "cap_usd" in update_fields:
             kwargs["update_fields"] = {*update_fields, "cap_nanos"}
@@ -722,3 +868,123 @@ class BudgetReservation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job.code} on {self.budget}"
+
+
+# --------------------------------------------------------------------------- rules on fields
+
+
+def workload_errors(workload: Workload) -> dict[str, str]:
+    """Configuration errors per field (Workload.clean and the admin show them)."""
+    errors: dict[str, str] = {}
+    labels = workload.labels
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
+        errors["labels"] = 'Labels must be a JSON list of non-empty strings, e.g. ["a", "b"].'
+    elif workload.kind == Workload.Kind.CLASSIFY and len(labels) < 2:
+        errors["labels"] = "A classify workload needs at least two labels."
+    if workload.kind == Workload.Kind.EXTRACT:
+        schema = workload.output_schema
+        if not isinstance(schema, dict) or not schema:
+            errors["output_schema"] = "An extract workload needs a JSON Schema (a JSON object)."
+        else:
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                errors["output_schema"] = f"Not a valid JSON Schema: {exc.message}"
+    if (
+        workload.min_output_chars is not None
+        and workload.max_output_chars is not None
+        and workload.min_output_chars > workload.max_output_chars
+    ):
+        errors["max_output_chars"] = "The maximum is below the minimum."
+    if not isinstance(workload.sample_input, dict):
+        errors["sample_input"] = 'Sample input must be a JSON object: {"field": "value"}.'
+    return errors
+
+
+def period_start_for(period: str, now: datetime) -> datetime:
+    local = timezone.localtime(now)
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == Budget.Period.MONTH:
+        start = start.replace(day=1)
+    return start
+
+
+class Webhook(models.Model):
+    """An address an operator set to be told, by a signed POST, when a job ends (succeeded,
+    failed, cancelled, expired), goes to review, or a batch ends (jobs.webhooks). Narrowed to one
+    submitter's jobs and batches and/or one workload's; with neither, every job's."""
+
+    name = models.CharField(max_length=100)
+    url = models.URLField(
+        max_length=500,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="http(s) only. Redirects are not followed.",
+    )
+    # Kept to sign with (a digest could not sign): shown once, when the webhook is made.
+    secret = models.CharField(max_length=64, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="webhooks",
+        help_text="Only this user's jobs and batches (blank: anyone's).",
+    )
+    workload = models.ForeignKey(
+        Workload,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="webhooks",
+        help_text="Only this workload's (blank: every workload's).",
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def set_new_secret(self) -> str:
+        self.secret = "whsec_" + secrets.token_urlsafe(32)
+        return self.secret
+
+
+class WebhookDelivery(models.Model):
+    """One event for one webhook, and every attempt to deliver it (`log`)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        DELIVERED = "delivered", "delivered"
+        FAILED = "failed", "failed (no retry left)"
+
+    code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
+    job = models.ForeignKey(
+        Job, null=True, blank=True, on_delete=models.CASCADE, related_name="webhook_deliveries"
+    )
+    batch = models.ForeignKey(
+        "batches.Batch",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="webhook_deliveries",
+    )
+    event = models.CharField(max_length=40)
+    body = models.TextField(help_text="What is POSTed, byte for byte, on every attempt.")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    # [{"at", "status_code", "error", "ms"}] per attempt, oldest first.
+    log = models.JSONField(default=list, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "webhook deliveries"
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.event} → {self.webhook}"

@@ -17,8 +17,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.contenttypes.models import ContentType
 from django.db import models, transaction
 
-from jobs import admission, retries, services
-from jobs.flow import breaker, budgets
+from jobs import credit, drain, services
+from jobs.flow import breaker
 from jobs.models import Job, Priority, Provider, Workload
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,25 @@ AUDIT_PREFIX = "Operator: "
 BACKLOG_STATUSES = (Job.Status.QUEUED, Job.Status.WAITING, Job.Status.HELD, Job.Status.SCHEDULED)
 SIMULATOR_TIMEOUT_S = 5.0
 # The fault switches the dashboard offers, with the simulator's config key and type.
-SIMULATOR_FAULTS = {"latency_ms": int, "error_rate": float, "outage": bool}
-ALL_CLEAR = {"outage": False, "error_rate": 0.0, "rate_limit_rate": 0.0, "timeout_rate": 0.0}
+SIMULATOR_FAULTS = {
+    "latency_ms": int,
+    "error_rate": float,
+    "outage": bool,
+    "overloaded_rate": float,
+    "refusal_rate": float,
+    "mid_stream_error_rate": float,
+    "quota_exhausted": bool,
+}
+ALL_CLEAR = {
+    "outage": False,
+    "error_rate": 0.0,
+    "rate_limit_rate": 0.0,
+    "timeout_rate": 0.0,
+    "overloaded_rate": 0.0,
+    "refusal_rate": 0.0,
+    "mid_stream_error_rate": 0.0,
+    "quota_exhausted": False,
+}
 
 
 class OperatorError(Exception):
@@ -80,7 +97,7 @@ def do_resume_workload(workload: Workload, *, actor: AbstractBaseUser) -> bool:
             audit(actor, workload, "resumed the workload")
     workload.is_paused = False
     if changed:
-        admission.wake_paused(workload, actor=actor)
+        services.wake_paused(workload, actor=actor)
     return bool(changed)
 
 
@@ -100,15 +117,25 @@ def reset_breaker(provider: Provider, *, by: str) -> tuple[str, int]:
     than at their resume times). Returns (the state it was in, jobs woken). The dashboard's
     control and the admin's both come here."""
     previous = breaker.reset(provider, by=by)
-    return previous, retries.wake_breaker_waiters(provider)
+    return previous, services.provider_recovered(provider)
+
+
+def do_clear_out_of_credit(provider: Provider, *, actor: AbstractBaseUser) -> int:
+    """Credit was added to the provider's account: calls go to it again and the jobs held for
+    its credit are released (those that fit their budgets). Returns how many were released."""
+    if not credit.is_out_of_credit(provider):
+        raise OperatorError(f"{provider.name} is not marked out of credit.")
+    released = credit.clear(provider)
+    audit(actor, provider, f"cleared out of credit; {released} held job(s) released")
+    return released
 
 
 def do_release_held(*, actor: AbstractBaseUser) -> int:
     """Release held jobs that now fit their budgets (after an operator raised a cap), highest
-    priority first. Admission is decided again by jobs.flow.budgets.release_held: each released
+    priority first. Admission is decided again by services.do_release_held: each released
     job reserves its worst-case cost, and a job that still does not fit stays held. Each
     released job gets a JobEvent (held → queued); the operator's action is the LogEntry."""
-    released = budgets.release_held()
+    released = services.do_release_held()
     held_left = Job.objects.filter(status=Job.Status.HELD).count()
     audit(actor, None, f"released {released} held job(s); {held_left} still held", "budgets")
     return released
@@ -156,7 +183,7 @@ def simulator_state() -> dict[str, Any] | None:
 
 
 def do_set_simulator_faults(faults: dict[str, Any], *, actor: AbstractBaseUser) -> dict[str, Any]:
-    """PUT fault switches to the simulator's control API (see jobs/providers/simulator.py)."""
+    """PUT fault switches to the simulator's control API (see simulator/server.py)."""
     try:
         response = control_client().put(simulator_url(), json=faults, timeout=SIMULATOR_TIMEOUT_S)
     except httpx.HTTPError as exc:
@@ -166,3 +193,19 @@ def do_set_simulator_faults(faults: dict[str, Any], *, actor: AbstractBaseUser) 
     described = ", ".join(f"{key}={value}" for key, value in sorted(faults.items()))
     audit(actor, None, f"set simulator faults: {described}", "simulator")
     return response.json()
+
+
+def do_drain_worker(name: str, *, actor: AbstractBaseUser) -> bool:
+    """Ask worker `name` to take no more jobs (jobs.drain); False if it already was."""
+    done = drain.request(name)
+    if done:
+        audit(actor, None, "drained the worker: it takes no new jobs", f"worker {name}")
+    return done
+
+
+def do_undrain_worker(name: str, *, actor: AbstractBaseUser) -> bool:
+    """Let a drained worker take jobs again; False if it was not drained."""
+    done = drain.withdraw(name)
+    if done:
+        audit(actor, None, "resumed the drained worker", f"worker {name}")
+    return done

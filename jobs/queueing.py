@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from datetime import datetime, timedelta
 
 import django_rq
@@ -25,7 +26,7 @@ from jobs.models import Job
 
 log = logging.getLogger(__name__)
 
-TASK = "jobs.tasks.run_job"
+TASK = "runs.tasks.run_job"
 # RQ's own timeout is a last resort above the workload's timeout: the provider call has its
 # own, shorter, read timeout and the runner finishes the job itself.
 RQ_TIMEOUT_MARGIN_S = 30
@@ -100,7 +101,7 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         # A run re-scheduling its own job (parked: Retry-After, open breaker, retry budget).
         # Its RQ entry has the same id and RQ deletes that entry's hash once the run returns
         # (result_ttl 0), which would take the new schedule with it. The worker makes the
-        # enqueue after RQ's cleanup (jobs.worker.Worker.perform_job -> run_held_enqueues).
+        # enqueue after RQ's cleanup (runs.worker.Worker.perform_job -> run_held_enqueues).
         if not hasattr(_held, "items"):
             _held.items = []
         _held.items.append((job, at))
@@ -122,6 +123,47 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
         return False
     return True
+
+
+def _worker_is_gone(hostname: bytes | None, pid: bytes | None) -> bool:
+    """From an RQ worker's registration (its hostname and pid fields): gone when the
+    registration has expired (a dead worker's lapses within its TTL, on any host), or names a
+    process of this host that no longer exists. A live pid is taken as the worker: a reused
+    pid only delays the verdict until the registration lapses."""
+    if hostname is None and pid is None:
+        return True
+    if hostname is None or hostname.decode() != socket.gethostname():
+        return False
+    try:
+        number = int(pid or b"0")
+    except ValueError:
+        return False
+    if number <= 0:
+        return False
+    try:
+        os.kill(number, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def enqueue_recovered(job: Job) -> bool:
+    """Enqueue a job whose run was recovered (its worker died, stalled or stopped), after
+    dropping that run's executions from RQ's started registry. Left there, RQ's maintenance
+    would find them expired a minute or so later and mark the job's entry, queued or running
+    again by then, failed ("AbandonedJobError"): a false alarm, and a wrong status in Redis."""
+    try:
+        conn = connection()
+        key = queue(job.priority).started_job_registry.key
+        prefix = f"{job.rq_job_id}:".encode()
+        stale = [m for m in conn.zrange(key, 0, -1) if m.startswith(prefix)]
+        if stale:
+            conn.zrem(key, *stale)
+    except redis.RedisError as exc:
+        log.warning("job=%s could not drop its old RQ executions: %s", job.code, exc)
+    return enqueue(job)
 
 
 def run_held_enqueues() -> None:
@@ -159,19 +201,69 @@ def remove(job: Job) -> None:
         log.warning("job=%s could not remove RQ entry: %s", job.code, exc)
 
 
-def missing_rq_jobs(jobs: Iterable[Job]) -> list[Job]:
-    """The jobs whose RQ entry is gone or finished, i.e. nothing will ever run them."""
+def missing_rq_jobs(jobs: Iterable[Job], *, search: Container[int] = ()) -> list[Job]:
+    """The jobs whose RQ entry is gone or finished, i.e. nothing will ever run them.
+
+    An entry that says "queued" but is on no queue is gone too: a worker popped it and died
+    before starting it (seen after worker kills, for fresh jobs and for the re-queued entries
+    of recovered runs), and nothing would ever run the job. Such entries are looked for on
+    their queue for every job that has run before (`run_by` set) and for the jobs whose pk is in
+    `search` (the reconciler names the oldest queued jobs of each priority: a lost pop was at
+    the head of its queue, older than what is still on it, and LPOS finds an entry near the
+    head at once, where searching a whole long backlog for each job would not be cheap).
+    Status and queue are read in one MULTI, so an entry a worker pops meanwhile is not taken
+    for one (a worker that popped it and has not started it yet is the one window left: the
+    second entry then finds the job started and returns, runs.runner).
+
+    An entry that says "started" for a job whose row is not running (the caller passes only
+    such jobs) is gone as well once the worker that started it is: that worker took it and
+    died before the run began, and RQ would give it up only at its started registry's
+    cleanup, a quarter of an hour later (`_worker_is_gone`). Re-enqueue those with
+    `enqueue_recovered`, which drops the dead execution first.
+    """
     jobs = list(jobs)
     if not jobs:
         return []
     conn = connection()
     with conn.pipeline(transaction=False) as pipe:
         for job in jobs:
-            pipe.hget(RQJob.key_for(job.rq_job_id), "status")
-        statuses = pipe.execute()
-    missing = []
-    for job, status in zip(jobs, statuses, strict=True):
+            pipe.hmget(RQJob.key_for(job.rq_job_id), "status", "origin", "worker_name")
+        entries = pipe.execute()
+    missing, queued, started = [], [], []
+    for job, (status, origin, worker_name) in zip(jobs, entries, strict=True):
         state = status.decode() if isinstance(status, bytes) else status
         if state not in LIVE_RQ_STATES:
             missing.append(job)
+        elif state == JobStatus.QUEUED and origin and (job.run_by or job.pk in search):
+            queued.append((job, origin.decode() if isinstance(origin, bytes) else origin))
+        elif state == JobStatus.STARTED and worker_name:
+            started.append((job, worker_name.decode()))
+    if started:
+        with conn.pipeline(transaction=False) as pipe:
+            for _job, worker_name in started:
+                pipe.hmget(
+                    f"{rq.Worker.redis_worker_namespace_prefix}{worker_name}", "hostname", "pid"
+                )
+            workers = pipe.execute()
+        for (job, worker_name), (hostname, pid) in zip(started, workers, strict=True):
+            if _worker_is_gone(hostname, pid):
+                log.warning(
+                    "job=%s: its RQ entry was started by worker %s, which is gone",
+                    job.code,
+                    worker_name,
+                )
+                missing.append(job)
+    if queued:
+        with conn.pipeline(transaction=True) as pipe:
+            for job, origin in queued:
+                pipe.hget(RQJob.key_for(job.rq_job_id), "status")
+                pipe.lpos(rq.Queue(origin, connection=conn).key, job.rq_job_id)
+            answers = pipe.execute()
+        for (job, _origin), status, position in zip(
+            queued, answers[::2], answers[1::2], strict=True
+        ):
+            state = status.decode() if isinstance(status, bytes) else status
+            if state == JobStatus.QUEUED and position is None:
+                log.warning("job=%s: its RQ entry says queued but is on no queue", job.code)
+                missing.append(job)
     return missing

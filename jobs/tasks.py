@@ -1,16 +1,3 @@
-"""RQ entry points. They take ids, not model instances, and stay thin."""
-
-from __future__ import annotations
-
-from rq import get_current_job
-
-from jobs import reconcile, runner
-
-
-def run_job(code: str) -> str:
-    current = get_current_job()
-    return runner.execute(code, worker=(current.worker_name or "") if current else "")
-
-
-def reconcile_now() -> dict[str, int]:
-    return reconcile.run().as_dict()
+# RQ entries enqueued before the worker code moved to runs/ name jobs.tasks.run_job: this
+# re-export serves them. Remove it one release after the move.
+from runs.tasks import run_job  # noqa: F401

@@ -20,57 +20,22 @@ from django.db.models import (
     Value,
 )
 from django.db.models.functions import Coalesce
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from jobs import dashboard as dashboard_data
-from jobs import documents, services
+from jobs import services, timeline
+from jobs.access import can_change_job, get_job_for_user, visible_jobs
+from jobs.errors import form_status
 from jobs.forms import JobFilterForm, SubmitJobForm
 from jobs.live import listed_jobs
 from jobs.models import Job
 
 
-def visible_jobs(user) -> QuerySet[Job]:
-    """Operators (view_job permission) see every job; everyone else sees their own."""
-    jobs = Job.objects.select_related("workload", "submitted_by")
-    if user.has_perm("jobs.view_job"):
-        return jobs
-    return jobs.filter(submitted_by=user)
-
-
-def get_job_for_user(request: HttpRequest, code: uuid.UUID) -> Job:
-    job = visible_jobs(request.user).filter(code=code).first()
-    if job is None:
-        raise Http404("No such job.")
-    return job
-
-
-def can_change_job(user, job: Job) -> bool:
-    return job.submitted_by_id == user.pk or user.has_perm("jobs.change_job")
-
-
-def dashboard(request: HttpRequest) -> HttpResponse:
-    # A live region's re-fetch (static/js/live.js, the health panel's poll) renders only that
-    # region; jobs.dashboard builds just what it needs.
-    part = dashboard_data.requested_part(request)
-    template = "jobs/dashboard.html" + (f"#{part}" if part else "")
-    return render(request, template, dashboard_data.context(request, part))
-
-
 def job_list(request: HttpRequest) -> HttpResponse:
     form = JobFilterForm(request.GET or None)
     jobs = with_listed_cost(listed_jobs(visible_jobs(request.user)))  # one upload, one row
-    if form.is_bound:
-        # A bad value (a hand-edited or stale link) drops only its own filter: cleaned_data
-        # keeps the valid ones, and the table says which was ignored (form.errors).
-        form.is_valid()
-        if (search := form.search()) is not None:
-            jobs = jobs.filter(search)
-        if status := form.cleaned_data.get("status"):
-            jobs = jobs.filter(status=status)
-        if workload := form.cleaned_data.get("workload"):
-            jobs = jobs.filter(workload=workload)
+    jobs = form.ordering(form.apply(jobs))
     page = Paginator(jobs, settings.AIQUEUE_JOBS_PER_PAGE).get_page(request.GET.get("page"))
     # Only jobs this viewer may cancel get a bulk-action checkbox (the bulk view skips the
     # others anyway): a reviewer sees everyone's jobs but may change only their own.
@@ -80,13 +45,47 @@ def job_list(request: HttpRequest) -> HttpResponse:
     query = request.GET.copy()
     query.pop("page", None)
     template = "jobs/list.html"
-    if request.htmx and not request.htmx.boosted:
+    # A history restore (Back to a page htmx did not keep: the list is hx-history="false")
+    # wants the whole page, as a first load does.
+    if request.htmx and not request.htmx.boosted and not request.htmx.history_restore_request:
         template += "#job-table"
     return render(
         request,
         template,
-        {"form": form, "page": page, "query": query.urlencode(), "cancellable": cancellable},
+        {
+            "form": form,
+            "page": page,
+            "query": query.urlencode(),
+            "columns": sort_columns(request, form),
+            "cancellable": cancellable,
+        },
     )
+
+
+# The job list's sortable columns: (label, sort key of jobs.forms.SORTS).
+SORTABLE = [
+    ("Workload", "workload"),
+    ("Priority", "priority"),
+    ("Status", "status"),
+    ("Cost (USD)", "cost"),
+    ("Attempts", "attempts"),
+    ("Run time", "duration"),
+    ("Submitted", "created"),
+]
+
+
+def sort_columns(request: HttpRequest, form: JobFilterForm) -> dict[str, dict[str, str]]:
+    """Per sortable column: the link that sorts by it (descending first, then ascending; the
+    other filters kept, back to page 1) and its aria-sort state."""
+    current = (form.cleaned_data.get("sort") if form.is_bound else "") or "-created"
+    query = request.GET.copy()
+    query.pop("page", None)
+    columns = {}
+    for label, key in SORTABLE:
+        query["sort"] = key if current == f"-{key}" else f"-{key}"
+        state = {f"-{key}": "descending", key: "ascending"}.get(current, "none")
+        columns[key] = {"label": label, "url": f"?{query.urlencode()}", "aria_sort": state}
+    return columns
 
 
 def with_listed_cost(jobs: QuerySet[Job]) -> QuerySet[Job]:
@@ -107,12 +106,20 @@ def with_listed_cost(jobs: QuerySet[Job]) -> QuerySet[Job]:
 
 
 def job_new(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST" and "estimate" in request.POST:
+        # The estimate as typed (the form's live region, or its no-JS button): nothing is
+        # submitted, nothing is validated.
+        form = SubmitJobForm(request.POST)
+        template = "jobs/new.html"
+        if request.htmx and not request.htmx.boosted:
+            template += "#job-estimate"
+        return render(request, template, {"form": form, **form.cost_estimate()})
     if request.method == "POST":
         form = SubmitJobForm(request.POST, request.FILES)
         if form.is_valid():
             try:
                 if form.cleaned_data.get("document") is not None:
-                    job, created = documents.do_submit_document(
+                    job, created = services.do_submit_document(
                         workload=form.cleaned_data["workload"],
                         document=form.cleaned_data["document"],
                         user=request.user,
@@ -152,7 +159,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
     template = "jobs/new.html"
     if request.htmx and not request.htmx.boosted:
         template += "#workload-fields"  # the workload changed: only its fields are swapped
-    return render(request, template, {"form": form})
+    return render(
+        request, template, {"form": form, **form.cost_estimate()}, status=form_status(form)
+    )
 
 
 def job_detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
@@ -164,10 +173,13 @@ def job_detail(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
 
 
 def job_context(request: HttpRequest, job: Job) -> dict:
+    attempts = list(job.attempts.select_related("provider"))
+    events = list(job.events.select_related("actor"))
     return {
         "job": job,
-        "attempts": job.attempts.select_related("provider"),
-        "events": job.events.select_related("actor"),
+        "attempts": attempts,
+        "events": events,
+        "timeline": timeline.build(events, attempts),
         "can_change": can_change_job(request.user, job),
     }
 

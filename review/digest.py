@@ -8,6 +8,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mail
 from django.db import transaction
+from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 
@@ -17,12 +18,38 @@ log = logging.getLogger(__name__)
 
 
 def reviewer_emails() -> list[str]:
+    """Everyone who may act on an item (review.roles.can_act: Reviewers and superusers) and
+    has an address."""
     users = (
         get_user_model()
-        .objects.filter(is_active=True, groups__name=REVIEWERS_GROUP)
+        .objects.filter(Q(groups__name=REVIEWERS_GROUP) | Q(is_superuser=True), is_active=True)
         .exclude(email="")
     )
     return sorted(set(users.values_list("email", flat=True)))
+
+
+# E-mail backends that deliver nothing to anyone: messages go to a log, memory or nowhere.
+UNDELIVERED_BACKENDS = {
+    "django.core.mail.backends.console.EmailBackend": "printed to the server's log",
+    "django.core.mail.backends.filebased.EmailBackend": "written to files on the server",
+    "django.core.mail.backends.dummy.EmailBackend": "thrown away",
+}
+
+
+def nobody_told() -> str | None:
+    """Why new items reach nobody by e-mail, said on the inbox; None when someone is told."""
+    where = UNDELIVERED_BACKENDS.get(settings.EMAIL_BACKEND)
+    if where is not None:
+        return (
+            f"Nobody is e-mailed about new items: messages are {where}, not sent "
+            "(set AIQUEUE_EMAIL_BACKEND and its EMAIL_* settings to send them)."
+        )
+    if not reviewer_emails():
+        return (
+            "Nobody is e-mailed about new items: no reviewer has an e-mail address "
+            "(add one to a reviewer's or superuser's account)."
+        )
+    return None
 
 
 def send() -> int:

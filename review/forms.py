@@ -6,7 +6,9 @@ from typing import Any
 
 from django import forms
 
-from jobs.models import Provider, Workload
+from jobs import inputs
+from jobs.forms import OverridesForm
+from jobs.models import Workload
 from review.models import ReviewItem
 from review.validation import InvalidOutput, validate_output
 
@@ -61,43 +63,32 @@ class CorrectForm(forms.Form):
         return value
 
 
-class RetryForm(forms.Form):
-    provider = forms.ModelChoiceField(
-        queryset=Provider.objects.filter(is_active=True),
-        required=False,
-        empty_label="Workload's provider",
-    )
-    model = forms.CharField(required=False, max_length=200)
-    temperature = forms.FloatField(required=False, min_value=0.0, max_value=2.0)
-    prompt = forms.CharField(
-        required=False,
-        widget=forms.Textarea(attrs={"rows": 6}),
-        help_text="The user message sent to the model. Leave as is to keep the workload's.",
-    )
+class RetryForm(OverridesForm):
     note = forms.CharField(required=False, max_length=2000)
-
-    def overrides(self, default_prompt: str) -> dict[str, Any]:
-        data = self.cleaned_data
-        overrides: dict[str, Any] = {}
-        if data.get("provider"):
-            overrides["provider_id"] = data["provider"].pk
-        if data.get("model"):
-            overrides["model"] = data["model"]
-        if data.get("temperature") is not None:
-            overrides["temperature"] = data["temperature"]
-        prompt = (data.get("prompt") or "").replace("\r\n", "\n")
-        if prompt.strip() and prompt.strip() != default_prompt.strip():
-            overrides["prompt"] = prompt
-        return overrides
 
 
 class RejectForm(forms.Form):
     reason = forms.CharField(max_length=300, strip=True)
 
 
-class BulkForm(forms.Form):
-    """The action of the list's bulk buttons; the checked item ids are read by the view."""
+class ItemIdsField(forms.Field):
+    """The ticked items: ids the database can hold (an id out of range was an OverflowError)."""
 
+    widget = forms.MultipleHiddenInput
+    default_error_messages = {"required": "Select at least one item."}
+
+    def to_python(self, value) -> list[int]:
+        values = value if isinstance(value, list | tuple) else ([value] if value else [])
+        try:
+            return [inputs.parse_id(raw, "An item id") for raw in values]
+        except inputs.InvalidInput as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+
+class BulkForm(forms.Form):
+    """The inbox's bulk buttons: the ticked items and the action."""
+
+    items = ItemIdsField()
     action = forms.ChoiceField(
         choices=[("approve", "Approve"), ("retry", "Retry"), ("reject", "Reject")]
     )

@@ -1,7 +1,7 @@
 """When does a finished run go to a human instead of straight to its submitter?
 
 `rule_for_output` decides for a successful provider call, `rule_for_failure` for a failed one.
-Both return (reason, evidence) or None; jobs.runner acts on the answer through
+Both return (reason, evidence) or None; runs.runner acts on the answer through
 review.services.do_escalate.
 """
 

@@ -17,12 +17,14 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q, QuerySet
+from django.dispatch import receiver
 from django.utils import timezone
 
-from jobs import live, queueing
+from jobs import live, queueing, replay
 from jobs.flow import budgets
 from jobs.models import Job, JobEvent
 from jobs.services import stop_chunks, transition
+from jobs.signals import job_stopped
 from review import notifications
 from review.models import ReviewItem
 from review.validation import InvalidOutput, validate_output
@@ -208,12 +210,6 @@ def _resolve(
         if not won:
             raise ReviewError("The job is no longer waiting for review.")
         _inbox_changed()
-        if to_status != Job.Status.QUEUED:
-            # Settled here rather than by a run: its document or batch moves on now, as after
-            # a run, instead of at its next periodic check (up to 2 minutes for a document).
-            from jobs import kinds
-
-            transaction.on_commit(lambda: kinds.after_run(job))
     item.status, item.resolution, item.resolved_by, item.resolved_at = (
         ReviewItem.Status.RESOLVED,
         resolution,
@@ -292,9 +288,6 @@ def do_correct(item: ReviewItem, user, *, corrected_output: str, note: str = "")
     )
 
 
-RETRY_OVERRIDE_KEYS = ("provider_id", "model", "temperature", "prompt")
-
-
 def do_retry(
     item: ReviewItem, user, *, overrides: dict[str, Any] | None = None, note: str = ""
 ) -> Job:
@@ -302,8 +295,7 @@ def do_retry(
 
     New attempts append to the same job; if the new run escalates again it gets a new item.
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if k in RETRY_OVERRIDE_KEYS}
-    overrides = {k: v for k, v in overrides.items() if v not in (None, "")}
+    overrides = replay.clean_overrides(overrides)
     _check_budgetable(item.job, {**(item.job.overrides or {}), **overrides})
     job = _resolve(
         item,
@@ -314,17 +306,8 @@ def do_retry(
         note=note,
         data={"overrides": overrides} if overrides else None,
         job_fields={
+            **replay.fresh_run_fields(),
             "overrides": {**(item.job.overrides or {}), **overrides},
-            "output_text": "",
-            "confidence": None,
-            "corrected_output": "",
-            "output_data": None,
-            "error": "",
-            "error_class": "",
-            "stage": "queued",
-            "progress_percent": 0,
-            "progress_message": "",
-            "queued_at": timezone.now(),
         },
     )
     transaction.on_commit(lambda: queueing.enqueue(job))
@@ -368,33 +351,22 @@ def do_reject(item: ReviewItem, user, *, reason: str) -> Job:
     return job
 
 
-def do_withdraw(job: Job, actor, *, reason: str) -> bool:
-    """Take a job waiting for review out of the inbox because nobody wants its result any more
-    (its document was cancelled or expired): its open items are closed as withdrawn and the job
-    is cancelled, in one transaction. Unlike the four resolutions it needs no claim: a
-    reviewer working on the item is told it was already resolved. False if the job was not
-    waiting for review (a reviewer settled it first)."""
-    now = timezone.now()
-    with transaction.atomic():
-        won = transition(
-            job,
-            [Job.Status.NEEDS_REVIEW],
-            Job.Status.CANCELLED,
-            actor=actor,
-            reason=reason,
-            **_done_fields(),
-        )
-        if won:
-            _inbox_changed()
-            ReviewItem.objects.filter(job=job, status=ReviewItem.Status.OPEN).update(
-                status=ReviewItem.Status.RESOLVED,
-                resolution=ReviewItem.Resolution.WITHDRAWN,
-                resolved_by=actor if actor is not None and actor.is_authenticated else None,
-                resolved_at=now,
-                claim_expires_at=None,
-                note=reason[:300],
-            )
-    return won
+@receiver(job_stopped, dispatch_uid="review-withdraw-stopped")
+def _job_stopped(sender, job: Job, actor=None, reason: str = "", **kwargs) -> None:
+    """A job ended without its result (its document was cancelled or expired, say): its open
+    items are closed as withdrawn, since nobody wants its result any more. Unlike the four
+    resolutions it needs no claim: a reviewer working on the item is told it was already
+    resolved."""
+    closed = ReviewItem.objects.filter(job=job, status=ReviewItem.Status.OPEN).update(
+        status=ReviewItem.Status.RESOLVED,
+        resolution=ReviewItem.Resolution.WITHDRAWN,
+        resolved_by=actor if actor is not None and actor.is_authenticated else None,
+        resolved_at=timezone.now(),
+        claim_expires_at=None,
+        note=reason[:300],
+    )
+    if closed:
+        _inbox_changed()
 
 
 # --------------------------------------------------------------------------- lists

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from jobs import kinds
 from jobs.models import Workload
 from jobs.providers.base import Completion
 
@@ -21,9 +22,6 @@ def validate_output(workload: Workload, text: str) -> tuple[str, Any]:
     Confidence plays no part here: a human's text has none, and a model's is judged by the
     review rules separately.
     """
-    # Imported here: jobs.kinds imports the review services, which import this module.
-    from jobs import kinds
-
     verdict = kinds.parse(workload, Completion(text=text, tokens_in=0, tokens_out=0))
     if verdict.problem:
         raise InvalidOutput(verdict.problem[:1:].upper() + verdict.problem[1:])

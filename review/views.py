@@ -21,8 +21,9 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from jobs.errors import REJECTED_FORM
 from jobs.models import Job
-from review import services
+from review import digest, services
 from review.forms import BulkForm, CorrectForm, InboxFilterForm, RejectForm, RetryForm
 from review.models import ReviewItem
 from review.roles import can_act, can_read
@@ -49,8 +50,14 @@ def _get_item(pk: int) -> ReviewItem:
 
 def inbox(request: HttpRequest) -> HttpResponse:
     _require_read(request)
+    return _render_inbox(request, request.GET, poll_url=request.get_full_path())
+
+
+def _render_inbox(
+    request: HttpRequest, params: QueryDict, *, poll_url: str, status: int = 200
+) -> HttpResponse:
     now = timezone.now()
-    form = InboxFilterForm(request.GET or None)
+    form = InboxFilterForm(params or None)
     open_items = services.open_items()
     counts = dict(open_items.order_by().values_list("reason").annotate(n=Count("id")))
     items = open_items
@@ -76,8 +83,8 @@ def inbox(request: HttpRequest) -> HttpResponse:
         items = items.order_by(F("job__confidence").asc(nulls_first=True), "created_at", "id")
     else:
         items = items.order_by("created_at", "id")
-    page = Paginator(items, settings.AIQUEUE_REVIEW_PER_PAGE).get_page(request.GET.get("page"))
-    query = request.GET.copy()
+    page = Paginator(items, settings.AIQUEUE_REVIEW_PER_PAGE).get_page(params.get("page"))
+    query = params.copy()
     query.pop("page", None)
     template = "review/inbox.html"
     if request.htmx and not request.htmx.boosted:
@@ -86,15 +93,16 @@ def inbox(request: HttpRequest) -> HttpResponse:
         "form": form,
         "page": page,
         "query": query.urlencode(),
-        "poll_url": request.get_full_path(),
+        "poll_url": poll_url,
         "counts": [
             (value, label, counts.get(value, 0)) for value, label in ReviewItem.Reason.choices
         ],
         "total_open": sum(counts.values()),
         "can_act": can_act(request.user),
         "now": now,
+        "nobody_told": digest.nobody_told(),
     }
-    return render(request, template, context)
+    return render(request, template, context, status=status)
 
 
 def item_detail(request: HttpRequest, pk: int) -> HttpResponse:
@@ -263,17 +271,21 @@ def reject(request: HttpRequest, pk: int) -> HttpResponse:
 def bulk(request: HttpRequest) -> HttpResponse:
     _require_act(request)
     form = BulkForm(request.POST)
-    ids = [int(value) for value in request.POST.getlist("items") if value.isdigit()]
-    if not ids:
-        messages.warning(request, "Select at least one item.")
-    elif not form.is_valid():
+    back = _safe_query(request.POST.get("query", ""))
+    if not form.is_valid():
+        # Sent back like every rejected form (400), on the inbox it came from.
         messages.error(request, " ".join(e for errors in form.errors.values() for e in errors))
-    else:
-        action = form.cleaned_data["action"]
-        result = services.do_bulk(request.user, ids, action, reason=form.cleaned_data["reason"])
-        verb = {"approve": "Approved", "retry": "Retried", "reject": "Rejected"}[action]
-        messages.info(request, result.summary(verb))
-    return redirect(reverse("review:inbox") + _safe_query(request.POST.get("query", "")))
+        url = reverse("review:inbox") + back
+        return _render_inbox(
+            request, QueryDict(back.removeprefix("?")), poll_url=url, status=REJECTED_FORM
+        )
+    action = form.cleaned_data["action"]
+    result = services.do_bulk(
+        request.user, form.cleaned_data["items"], action, reason=form.cleaned_data["reason"]
+    )
+    verb = {"approve": "Approved", "retry": "Retried", "reject": "Rejected"}[action]
+    messages.info(request, result.summary(verb))
+    return redirect(reverse("review:inbox") + back)
 
 
 def _safe_query(query: str) -> str:

@@ -3,24 +3,25 @@ real workers, and plainly built objects."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from decimal import Decimal
-from pathlib import Path
 
 import django_rq
 import httpx
 import pytest
-from django.conf import settings
-from django.contrib.auth.models import Group, Permission, User
+from django.contrib.auth.models import User
+from django.db import connection
 
 from aiqueue.redis_server import free_port
-from jobs.models import ModelPrice, Provider, Workload
-from jobs.worker import build_worker
+from jobs.models import Provider, Workload
+from runs import dbconn
+from runs import worker as worker_module
+from runs.worker import build_worker
+from tests import factories
+from tests.helpers import run_on_commit_callbacks, start_process
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+REVIEW_LABELS = ["spam", "ham"]
 
 
 class Simulator:
@@ -47,47 +48,38 @@ class Simulator:
             self.control(**config)
 
 
+# The longest groups of tests, each kept on one xdist worker (`--dist loadgroup`, see ./test):
+# fault tests each start a whole ./run, and browser tests share one chromium per worker.
+XDIST_GROUPS = ("faults", "browser")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    # Browser tests last: Playwright's sync API keeps an event loop on the main thread while its
-    # session-wide browser lives, and async_to_sync refuses to run under it.
-    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+    for item in items:
+        for name in XDIST_GROUPS:
+            if item.get_closest_marker(name) is not None:
+                item.add_marker(pytest.mark.xdist_group(name))
 
+    # Those groups first. pytest-django then sorts (stably) rolled-back tests before
+    # transactional ones, as Django does, since a flush removes the data migrations' rows: so
+    # the groups start as the workers reach the transactional tests, and the rest of those fill
+    # the other workers meanwhile. Browser tests run in a row: Playwright's sync API keeps an
+    # event loop on the main thread while chromium lives (tests/browser/conftest.py), and
+    # async_to_sync refuses to run under it.
+    def rank(item) -> int:
+        for position, name in enumerate(XDIST_GROUPS):
+            if item.get_closest_marker(name) is not None:
+                return position
+        return len(XDIST_GROUPS)
 
-def start_process(args: list[str], ready_text: str, env: dict | None = None) -> subprocess.Popen:
-    process = subprocess.Popen(
-        args,
-        cwd=BASE_DIR,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 20
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if ready_text in line:
-            return process
-    process.kill()
-    raise RuntimeError(f"{args} did not start:\n{''.join(seen)}")
-
-
-def spawn(args: list[str], log_dir: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start a background process of the project; its output goes to a log file in log_dir."""
-    log = open(log_dir / f"{Path(args[1]).stem}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    return subprocess.Popen(
-        args, cwd=BASE_DIR, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
-    )
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)
 def fresh_dashboard_figures():
-    """The dashboard shares its health figures for a few seconds (jobs.dashboard): no test may
+    """The dashboard shares its health figures for a few seconds (ops.dashboard): no test may
     see another's."""
-    from jobs import dashboard
+    from ops import dashboard
 
     dashboard.forget_snapshots()
 
@@ -99,7 +91,7 @@ def simulator_process():
         [
             sys.executable,
             "-m",
-            "jobs.providers.simulator",
+            "simulator",
             "--port",
             str(port),
             "--latency-ms",
@@ -130,51 +122,79 @@ def redis_conn():
 
 @pytest.fixture
 def provider(db, simulator) -> Provider:
-    provider = Provider.objects.create(
-        name="Test simulator", kind=Provider.Kind.SIMULATED, base_url=f"{simulator.url}/v1"
-    )
-    ModelPrice.objects.create(
-        provider=provider,
-        model="sim-small",
-        input_per_mtok=Decimal("1.00"),
-        output_per_mtok=Decimal("2.00"),
-    )
-    return provider
+    return factories.make_provider(f"{simulator.url}/v1")
 
 
 @pytest.fixture
 def workload(provider) -> Workload:
-    return Workload.objects.create(
+    return factories.make_workload(
+        provider,
         name="Summaries",
-        kind=Workload.Kind.SUMMARIZE,
         system_prompt="Summarize the text.",
-        provider=provider,
-        model="sim-small",
+        max_output_tokens=200,
+    )
+
+
+@pytest.fixture
+def classify_workload(provider) -> Workload:
+    """Escalates an answer below 0.5 confidence to the review inbox."""
+    return factories.make_workload(
+        provider,
+        Workload.Kind.CLASSIFY,
+        name="Spam filter",
+        system_prompt="Classify the message.\nLabels: " + ", ".join(REVIEW_LABELS),
+        labels=REVIEW_LABELS,
+        confidence_threshold=0.5,
+        max_output_tokens=5,
+    )
+
+
+@pytest.fixture
+def extract_workload(provider) -> Workload:
+    return factories.make_workload(
+        provider,
+        Workload.Kind.EXTRACT,
+        name="Invoice fields",
+        system_prompt="Extract the invoice fields as JSON.",
         max_output_tokens=200,
     )
 
 
 @pytest.fixture
 def user(db) -> User:
-    return User.objects.create_user("alice", "alice@example.com", "pw-alice-123")
+    return factories.make_user("alice")
 
 
 @pytest.fixture
 def other_user(db) -> User:
-    return User.objects.create_user("bob", "bob@example.com", "pw-bob-123")
+    return factories.make_user("bob")
 
 
 @pytest.fixture
 def operator(db) -> User:
-    group, _ = Group.objects.get_or_create(name="Operators")
-    group.permissions.add(
-        *Permission.objects.filter(
-            content_type__app_label="jobs", codename__in=["view_job", "change_job"]
-        )
-    )
-    user = User.objects.create_user("olga", "olga@example.com", "pw-olga-123")
-    user.groups.add(group)
-    return user
+    return factories.make_user("olga", role="operator")
+
+
+@pytest.fixture
+def reviewer(db) -> User:
+    return factories.make_user("rita", role="reviewer")
+
+
+@pytest.fixture
+def second_reviewer(db) -> User:
+    return factories.make_user("ravi", role="reviewer")
+
+
+@pytest.fixture
+def reader(db) -> User:
+    """Someone who may look at the inbox (view permission) but is not a reviewer."""
+    return factories.make_user("rob", role="reader")
+
+
+@pytest.fixture
+def token(user) -> str:
+    """An API token of `user`."""
+    return factories.make_token(user)
 
 
 @pytest.fixture
@@ -184,18 +204,41 @@ def user_client(client, user):
 
 
 @pytest.fixture
-def run_worker(redis_conn):
-    """Run the real worker code in this process until the queues are empty."""
+def run_worker(redis_conn, monkeypatch):
+    """Run the real worker code in this process until the queues are empty.
+
+    In a test that rolls back (plain `django_db`) nothing ever commits, so the worker runs as if
+    each transaction had: the on-commit callbacks pending (a submit enqueues its job that way)
+    run first, those the run registers run after it, and the worker runs again while they queue
+    more. Between jobs the worker keeps the test's connection: closing it, as
+    `close_old_connections()` does to a connection inside a transaction, would end the test's
+    transaction (Django's test client skips the same call for the same reason)."""
+
+    def burst() -> None:
+        build_worker(name=f"test-worker-{time.monotonic_ns()}").work(burst=True)
 
     def run() -> None:
-        build_worker(name=f"test-worker-{time.monotonic_ns()}").work(burst=True)
+        if not connection.in_atomic_block:
+            burst()
+            return
+        monkeypatch.setattr(worker_module, "close_old_connections", lambda: None)
+        monkeypatch.setattr(dbconn, "close_old_connections", lambda: None)
+        run_on_commit_callbacks()
+        while True:
+            burst()
+            if not run_on_commit_callbacks():
+                return
 
     return run
 
 
-def queued_ids() -> list[str]:
-    return [
-        job_id
-        for name in settings.RQ_QUEUE_NAMES
-        for job_id in django_rq.get_queue(name).get_job_ids()
-    ]
+@pytest.fixture
+def touchy(workload):
+    """The workload's provider opens its breaker after 2 consecutive failures; one successful
+    probe closes it."""
+    provider = workload.provider
+    provider.breaker_failure_threshold = 2
+    provider.breaker_cooldown_s = 30
+    provider.breaker_probe_successes = 1
+    provider.save()
+    return provider

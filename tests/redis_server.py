@@ -7,6 +7,7 @@ settings are built from REDIS_URL. It never touches the machine's Redis on 6379.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -31,6 +32,8 @@ def pytest_load_initial_conftests(early_config, parser, args) -> None:
     # A test database of this run's own (see aiqueue/settings.py), so runs can overlap.
     os.environ["AIQUEUE_TEST_DB_NAME"] = str(data_dir / "test.sqlite3")
     os.environ["AIQUEUE_TEST_RUN_ID"] = uuid.uuid4().hex[:12]
+    # Debug is off in the suite, as in production, so settings want a real key: this run's own.
+    os.environ.setdefault("AIQUEUE_SECRET_KEY", secrets.token_urlsafe(50))
 
 
 def pytest_unconfigure(config) -> None:

@@ -9,9 +9,9 @@ set-up finds it complete and installs nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,42 +22,9 @@ import httpx
 import pytest
 
 from aiqueue.redis_server import free_port
-from tests.conftest import BASE_DIR
+from tests.helpers import BASE_DIR, RUN_ADMIN_PASSWORD, copy_app, run_env, wait_for_url
 
-# What a checkout holds besides the code: none of it belongs in the copy.
-NOT_COPIED = shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", "*.pyc", ".ci")
-PASSWORD = "pw-admin-run-123"
-
-
-def run_env(port: int, redis_port: int, sim_port: int) -> dict[str, str]:
-    """This machine's environment minus everything the suite points elsewhere: the embedded
-    defaults are what ./run is for."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("AIQUEUE_", "DJANGO_")) and key not in ("DATABASE_URL", "REDIS_URL")
-    }
-    env.update(
-        PORT=str(port),
-        AIQUEUE_REDIS_PORT=str(redis_port),
-        AIQUEUE_SIMULATOR_PORT=str(sim_port),
-        AIQUEUE_ADMIN_PASSWORD=PASSWORD,
-        AIQUEUE_WORKERS="1",
-        AIQUEUE_WORKER_THREADS="2",
-    )
-    return env
-
-
-def wait_for(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer 200 within {timeout} s")
+PASSWORD = RUN_ADMIN_PASSWORD
 
 
 def log_in(client: httpx.Client) -> None:
@@ -94,10 +61,9 @@ def submit_form_job(client: httpx.Client, text: str) -> str:
 
 @pytest.fixture
 def app_copy(tmp_path: Path) -> Path:
-    copy = tmp_path / "aiqueue"
-    shutil.copytree(BASE_DIR, copy, ignore=NOT_COPIED)
-    (copy / ".venv").symlink_to(BASE_DIR / ".venv")
-    return copy
+    # Deep, as checkouts can be: supervisord's control socket must still fit a socket's path
+    # (bin/supervisor-socket).
+    return copy_app(tmp_path / "a-checkout-in-a-deeply-nested-directory" / "of-some-project")
 
 
 def test_run_serves_the_app_runs_a_job_and_stops_everything_on_sigterm(app_copy: Path):
@@ -110,7 +76,7 @@ def test_run_serves_the_app_runs_a_job_and_stops_everything_on_sigterm(app_copy:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{base}/readyz", timeout=120)
+        wait_for_url(f"{base}/readyz", timeout=120)
         ready = httpx.get(f"{base}/readyz").json()
         assert ready["checks"] == {"database": "ok", "redis": "ok"}
         assert (app_copy / "var" / "aiqueue.sqlite3").exists()  # the embedded default
@@ -136,6 +102,10 @@ def test_run_serves_the_app_runs_a_job_and_stops_everything_on_sigterm(app_copy:
         assert second.returncode == 1
         assert f"Port {port} on 127.0.0.1 is already in use" in second.stderr
         assert httpx.get(f"{base}/healthz").status_code == 200
+        supervised = json.loads((app_copy / "var" / "processes.json").read_text())["processes"]
+        assert {p["name"] for p in supervised} >= {"web", "worker:worker-1", "redis", "simulator"}
+        pids = [p["pid"] for p in supervised if p["pid"]]
+        pids.append(int((app_copy / "var" / "supervisord.pid").read_text()))
     finally:
         run.send_signal(signal.SIGTERM)
         try:
@@ -146,10 +116,32 @@ def test_run_serves_the_app_runs_a_job_and_stops_everything_on_sigterm(app_copy:
             log.close()
     output = (app_copy / "run.out").read_text()
     assert "stopped." in output, output[-2000:]
-    # Nothing it started is left: its worker (named after ./run's pid) is gone, and the web
-    # server, Redis and simulator no longer listen.
-    worker = subprocess.run(["pgrep", "-f", f"worker-1-{run.pid}"], capture_output=True, text=True)
-    assert worker.stdout == "", output[-2000:]
+    # Nothing it started is left: its supervisor and every process it ran are gone, and the
+    # web server, Redis and simulator no longer listen.
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     for listening in (port, redis_port, sim_port):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", listening), timeout=1).close()
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_the_supervisor_socket_fits_a_sockets_path_however_deep_the_checkout(tmp_path, deep):
+    var = tmp_path.joinpath(*["nested-directory"] * 6, "var") if deep else Path("/srv/aiq/var")
+
+    def socket_for(var_dir: Path) -> str:
+        return subprocess.run(
+            [str(BASE_DIR / "bin" / "supervisor-socket"), str(var_dir)],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    socket = socket_for(var)
+    # supervisord binds "<socket>.<pid>" first; a Unix socket's path holds 107 bytes.
+    assert len(f"{socket}.4194304".encode()) <= 107
+    if deep:
+        assert socket.startswith("/tmp/aiqueue-supervisor-")
+        assert socket == socket_for(var)  # the same var dir, the same socket
+        assert socket != socket_for(var.parent / "other-var")
+    else:
+        assert socket == "/srv/aiq/var/supervisor.sock"

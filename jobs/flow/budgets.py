@@ -9,11 +9,13 @@ SQLite and PostgreSQL alike).
 Lifecycle of the money of one job:
 - `reserve()` at submit (or when a held job is released): one BudgetReservation per budget
   that applies (the global ones and the workload's own);
-- `settle_attempt()` for each provider call (an Attempt post_save): spent += cost, and the
-  job's reservation shrinks by as much, so the call moves money from reserved to spent;
-- `release()` when the job can no longer spend: the rest of the reservation is given back.
-  The runner calls it in `finally`; cancel and expiry call it; the reconciler releases what
-  a dead process left behind (`release_leaked()`).
+- `settle()` for each provider call, when its ledger row is settled (jobs.ledger: by the worker
+  that made it, or at its reservation by the reconciler when its worker died): spent += cost,
+  and the job's reservation shrinks by as much, so the call moves money from reserved to spent;
+- `release()` when the job can no longer spend: the rest of the reservation is given back,
+  except the worst case of its calls still in flight, which stays reserved until each is
+  settled. The runner calls it in `finally`; cancel and expiry call it; the reconciler
+  releases what a dead process left behind (`release_leaked()`).
 
 A job whose cost cannot be estimated (no price for its model) is refused at submit when a
 budget applies to it. Attempts are settled against the budgets that apply at the time, so a
@@ -23,34 +25,32 @@ budget created after a job was submitted still counts that job's spend.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
-from django.db.models import F, Q
-from django.db.models.signals import post_save
-from django.dispatch import receiver
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
+from jobs import costs, documents, kinds
 from jobs.models import (
     Attempt,
     Budget,
     BudgetReservation,
     Job,
+    ModelPrice,
     Priority,
     Provider,
     Workload,
     nanos_to_usd,
+    period_start_for,
     usd_to_nanos,
 )
 
 log = logging.getLogger(__name__)
 
-# Chat formats add a few tokens per message around the text; be generous, this is a ceiling.
-MESSAGE_OVERHEAD_TOKENS = 8
 # Statuses in which a job may still spend money, so its reservation must stay.
 ACTIVE_STATUSES = frozenset(
     {
@@ -74,47 +74,59 @@ class Estimate:
     tokens_in: int
     tokens_out: int
     nanos: int
+    # The price it was computed at (the dearest of the models a call may go to), and how many
+    # calls it covers: what the form and the batch preview say it is based on.
+    price: ModelPrice | None = None
+    calls: int = 1
 
     @property
     def usd(self) -> Decimal:
         return nanos_to_usd(self.nanos)
 
+    @property
+    def basis(self) -> str:
+        return costs.BASIS
+
 
 # --- estimation ---------------------------------------------------------------------------
 
 
-def estimate_tokens(text: str) -> int:
-    """ceil(len / 4): the usual rule of thumb for English text (the simulator uses it too)."""
-    return math.ceil(len(text) / 4) if text else 0
-
-
-def estimate_input_tokens(workload: Workload, input_text: str) -> int:
-    prompt = workload.render_prompt(input_text)
-    labels = ", ".join(str(label) for label in (workload.labels or []))
-    return (
-        estimate_tokens(workload.system_prompt)
-        + estimate_tokens(prompt)
-        + estimate_tokens(labels)
-        + 2 * MESSAGE_OVERHEAD_TOKENS
+def estimate_input_tokens(
+    workload: Workload, input_text: str | dict[str, str], overrides: dict[str, Any] | None = None
+) -> int:
+    """The most input tokens of one call of `workload` for this input (a string fills
+    {input}; a dict holds the template's named fields): the system prompt as jobs.kinds sends
+    it, the rendered prompt (or a reviewer's replacement), and an extract workload's schema,
+    under the one rule of jobs.costs."""
+    prompt = (overrides or {}).get("prompt") or workload.render_prompt(input_text)
+    return costs.input_tokens(
+        kinds.system_prompt_for(workload), prompt, kinds.response_schema(workload)
     )
 
 
 def estimate(
     workload: Workload,
-    input_text: str,
+    input_text: str | dict[str, str],
     *,
     min_tokens_in: int = 0,
     overrides: dict[str, Any] | None = None,
+    prices: dict[tuple[int, str], ModelPrice | None] | None = None,
 ) -> Estimate:
-    """The job's worst-case cost for one call: estimated input (at least `min_tokens_in`) +
-    max output tokens, at the dearest of the models a call may go to (`call_targets`: a
-    reviewer's override or the workload's own, and its fallback). Raises CannotEstimate
-    without a price for the first."""
-    tokens_in = max(estimate_input_tokens(workload, input_text), min_tokens_in)
+    """The job's worst-case cost for one call: its input's upper bound (at least
+    `min_tokens_in`) + max output tokens, at the dearest of the models a call may go to
+    (`call_targets`: a reviewer's override or the workload's own, and its fallback). Raises
+    CannotEstimate without a price for the first. `prices` memoizes the price lookups of a
+    caller that estimates many inputs (the batch preview)."""
+    tokens_in = max(estimate_input_tokens(workload, input_text, overrides), min_tokens_in)
     tokens_out = workload.max_output_tokens
-    costs = []
+    costs_by_target = []
     for index, (provider, model) in enumerate(call_targets(workload, overrides)):
-        price = provider.price_for(model)
+        if prices is None:
+            price = provider.price_for(model)
+        else:
+            if (provider.pk, model) not in prices:
+                prices[provider.pk, model] = provider.price_for(model)
+            price = prices[provider.pk, model]
         if price is None:
             if index == 0:
                 raise CannotEstimate(
@@ -122,8 +134,32 @@ def estimate(
                     f"{provider.name!r}; add one in the admin (Providers → prices)."
                 )
             continue
-        costs.append(price.cost(tokens_in, tokens_out))
-    return Estimate(tokens_in, tokens_out, usd_to_nanos(max(costs)))
+        costs_by_target.append((price.cost(tokens_in, tokens_out), price))
+    cost, price = max(costs_by_target, key=lambda item: item[0])
+    return Estimate(tokens_in, tokens_out, usd_to_nanos(cost), price)
+
+
+def estimate_job(
+    workload: Workload,
+    input_text: str | dict[str, str],
+    *,
+    prices: dict[tuple[int, str], ModelPrice | None] | None = None,
+) -> Estimate:
+    """What a whole job may cost (the batch preview, the new-job form): one call, and for an
+    extract workload its repair call, which resends the prompt with the first answer (up to
+    max output tokens) and the validation error."""
+    one = estimate(workload, input_text, prices=prices)
+    if workload.kind != Workload.Kind.EXTRACT:
+        return one
+    repair_in = one.tokens_in + one.tokens_out + costs.text_tokens(kinds.REPAIR_PROMPT) + 300
+    repair = estimate(workload, input_text, min_tokens_in=repair_in, prices=prices)
+    return Estimate(
+        one.tokens_in + repair.tokens_in,
+        one.tokens_out + repair.tokens_out,
+        one.nanos + repair.nanos,
+        one.price,
+        calls=2,
+    )
 
 
 def estimate_for(job: Job, *, min_tokens_in: int = 0) -> Estimate:
@@ -131,8 +167,6 @@ def estimate_for(job: Job, *, min_tokens_in: int = 0) -> Estimate:
     reads its chunks' answers, not the document (each chunk reserves its own call): its input
     is counted as every chunk's answer at the workload's max output tokens
     (`documents.reduce_input_tokens`), whatever the document's length."""
-    from jobs import documents  # documents builds on jobs.services, which builds on this
-
     if documents.is_document_parent(job):
         reduce_tokens = documents.reduce_input_tokens(job)
         return estimate(
@@ -142,7 +176,7 @@ def estimate_for(job: Job, *, min_tokens_in: int = 0) -> Estimate:
             overrides=job.overrides,
         )
     return estimate(
-        job.workload, job.input_text, min_tokens_in=min_tokens_in, overrides=job.overrides
+        job.workload, kinds.prompt_values(job), min_tokens_in=min_tokens_in, overrides=job.overrides
     )
 
 
@@ -172,14 +206,6 @@ def call_targets(
 
 
 # --- periods --------------------------------------------------------------------------------
-
-
-def period_start_for(period: str, now: datetime) -> datetime:
-    local = timezone.localtime(now)
-    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == Budget.Period.MONTH:
-        start = start.replace(day=1)
-    return start
 
 
 def next_period_start(period: str, now: datetime) -> datetime:
@@ -307,6 +333,11 @@ def usd_text(amount: Decimal) -> str:
     return f"{amount:.6f}"
 
 
+def local_time_text(moment: datetime) -> str:
+    """A period's start as people read it: the local date and time to the second."""
+    return f"{timezone.localtime(moment):%Y-%m-%d %H:%M:%S}"
+
+
 def reject_message(budget: Budget) -> str:
     return (
         f"Budget {budget.name!r} is exhausted ({usd_text(budget.spent_usd + budget.reserved_usd)} "
@@ -335,13 +366,20 @@ def seconds_until_renewal(budget: Budget) -> int:
 
 def settle(job_id: int, workload_id: int, cost: Decimal) -> None:
     """One call's actual cost: spent += cost on each budget that applies, and the job's
-    reservation on it shrinks by as much as it still holds."""
+    reservation on it shrinks by as much as it still holds. Called by jobs.ledger when a
+    call's row is settled (a negative cost corrects an earlier charge down)."""
     nanos = usd_to_nanos(cost)
-    if nanos <= 0:
+    if nanos == 0:
         return
     budgets = budgets_for(workload_id)
     if not budgets:
         return  # no transaction (on SQLite a write lock) for a call no budget counts
+    if nanos < 0:
+        # A correction down: a call charged at its reservation turned out cheaper (a late
+        # answer, jobs.ledger). The reservation it came out of is not given back.
+        for budget in budgets:
+            Budget.objects.filter(pk=budget.pk).update(spent_nanos=F("spent_nanos") + nanos)
+        return
     with transaction.atomic():
         for budget in budgets:
             # select_for_update serialises with release() on PostgreSQL; SQLite's IMMEDIATE
@@ -379,23 +417,39 @@ def _alert_if_crossed(budget: Budget, added: int) -> None:
 
 
 def release(job: Job | int) -> int:
-    """Give back what the job still holds on every budget. Idempotent. Returns the nanos
+    """Give back what the job still holds on every budget, but the worst case of its calls
+    still in flight: those may yet be billed, and stay counted until their ledger rows are
+    settled (the settling run releases the rest when it ends). Idempotent. Returns the nanos
     released (summed over budgets)."""
     job_id = job if isinstance(job, int) else job.pk
     released = 0
     with transaction.atomic():
         held = list(BudgetReservation.objects.select_for_update().filter(job_id=job_id))
+        keep = in_flight_nanos(job_id) if held else 0
         for reservation in held:
-            if BudgetReservation.objects.filter(pk=reservation.pk).delete()[0]:
-                Budget.objects.filter(pk=reservation.budget_id).update(
-                    reserved_nanos=F("reserved_nanos") - reservation.amount_nanos
+            give = reservation.amount_nanos - min(reservation.amount_nanos, keep)
+            if give <= 0:
+                continue
+            if keep:
+                done = BudgetReservation.objects.filter(pk=reservation.pk).update(
+                    amount_nanos=F("amount_nanos") - give
                 )
-                released += reservation.amount_nanos
+            else:
+                done = BudgetReservation.objects.filter(pk=reservation.pk).delete()[0]
+            if done:
+                Budget.objects.filter(pk=reservation.budget_id).update(
+                    reserved_nanos=F("reserved_nanos") - give
+                )
+                released += give
         if held:
-            Job.objects.filter(pk=job_id).update(cost_reserved=Decimal(0))
-    if held and Job.objects.filter(status=Job.Status.HELD).exists():
-        transaction.on_commit(release_held)
+            Job.objects.filter(pk=job_id).update(cost_reserved=nanos_to_usd(keep))
     return released
+
+
+def in_flight_nanos(job_id: int) -> int:
+    """The worst case of the job's calls in flight (their ledger rows' `reserved_cost`)."""
+    total = Attempt.objects.in_flight().filter(job_id=job_id).aggregate(s=Sum("reserved_cost"))["s"]
+    return usd_to_nanos(total) if total else 0
 
 
 def release_leaked() -> int:
@@ -406,9 +460,8 @@ def release_leaked() -> int:
             "job_id", flat=True
         )
     )
-    for job_id in job_ids:
-        release(job_id)
-    return len(job_ids)
+    # A job whose call is still in flight keeps that call's worst case (`release`).
+    return sum(1 for job_id in job_ids if release(job_id))
 
 
 # --- held jobs ------------------------------------------------------------------------------
@@ -423,61 +476,3 @@ def hold_reason(budget: Budget, nanos: int = 0) -> str:
         f"budget {budget.name!r} exhausted ({usd_text(budget.spent_usd + budget.reserved_usd)} of "
         f"{usd_text(budget.cap_usd)} USD this {budget.period}); held until it frees"
     )
-
-
-def release_held(limit: int = RELEASE_HELD_BATCH) -> int:
-    """Reserve for held jobs that now fit and resume them, highest priority first, then
-    oldest first. A job that does not fit blocks lower-ranked jobs on the same budget, so a
-    big high-priority job is not overtaken forever by small low-priority ones."""
-    from jobs import services
-
-    held = list(
-        Job.objects.filter(status=Job.Status.HELD)
-        .select_related("workload__provider", "workload__fallback_provider")
-        .order_by("created_at", "id")[: limit * 5]
-    )
-    held.sort(key=lambda j: (PRIORITY_RANK.get(j.priority, 1), j.created_at, j.id))
-    blocked: set[int] = set()
-    resumed = 0
-    for job in held[:limit]:
-        budgets = budgets_for(job.workload)
-        if blocked.intersection(b.pk for b in budgets):
-            continue
-        try:
-            cost = estimate_for(job)
-        except CannotEstimate:
-            cost = None
-        with transaction.atomic():
-            if budgets and cost is not None:
-                full = reserve(job, cost.nanos, budgets)
-                if full is not None:
-                    blocked.add(full.pk)
-                    continue
-            if not services.do_resume_job(job, reason="budget freed: released from hold"):
-                # Cancelled or expired meanwhile: give the money back.
-                transaction.set_rollback(True)
-                continue
-        resumed += 1
-    return resumed
-
-
-# --- signals --------------------------------------------------------------------------------
-
-
-@receiver(post_save, sender=Attempt, dispatch_uid="budgets-settle-attempt")
-def _settle_attempt(sender, instance: Attempt, created: bool, **kwargs) -> None:
-    if created and instance.cost:
-        if Attempt.job.is_cached(instance):
-            workload_id = instance.job.workload_id
-        else:
-            workload_id = (
-                Job.objects.filter(pk=instance.job_id).values_list("workload_id", flat=True).first()
-            )
-        if workload_id is not None:
-            settle(instance.job_id, workload_id, Decimal(instance.cost))
-
-
-@receiver(post_save, sender=Budget, dispatch_uid="budgets-release-held")
-def _budget_saved(sender, instance: Budget, **kwargs) -> None:
-    # A raised cap (or a new period) may let held jobs in: try once the change is committed.
-    transaction.on_commit(release_held)

@@ -7,7 +7,7 @@ stops renewing, and its slot frees itself when the lease expires: nobody has to 
 
 A job that finds a resource full is added, in the same atomic script, to that resource's
 wait list: a sorted set scored by priority then submit time. Releasing a lease pops the first
-waiter, and the caller resumes it (`jobs.admission`). Because the check and the wait-list
+waiter, and the caller resumes it (`runs.admission`). Because the check and the wait-list
 entry are one script, a release can never slip in between and be missed; the parked job also
 carries a fallback wake-up time, so a waiter is never forgotten even if a waker died.
 """
@@ -22,12 +22,15 @@ import redis
 from django.conf import settings
 
 from jobs import queueing
+from jobs.flow import script_refused
 from jobs.models import Job, Priority, Workload
 
 log = logging.getLogger(__name__)
 
-LEASE_KEY = "aiqueue:lease:{resource}"
-WAIT_KEY = "aiqueue:wait:{resource}"
+# One hash tag for every lease and wait list ({leases}): one acquire spans several resources
+# (workload, provider), and a script's keys must share a slot (jobs.flow).
+LEASE_KEY = "aiqueue:{{leases}}:lease:{resource}"
+WAIT_KEY = "aiqueue:{{leases}}:wait:{resource}"
 PRIORITY_RANK = {Priority.HIGH: 0, Priority.DEFAULT: 1, Priority.LOW: 2}
 # The score of a waiter: priority first, then submit time in ms (< 1e13 until year 2286).
 RANK_WEIGHT = 10**13
@@ -142,9 +145,12 @@ class Refused:
     resource: Resource
     in_use: int
     limit: int
+    unchecked: bool = False  # Redis refused the script: the cap could not be checked
 
     @property
     def reason(self) -> str:
+        if self.unchecked:
+            return f"concurrency cap unchecked (Redis refused the script) for {self.resource.label}"
         return f"concurrency cap full ({self.in_use}/{self.limit}) for {self.resource.label}"
 
 
@@ -170,7 +176,9 @@ def _keys(resources: list[Resource]) -> list[str]:
 
 def acquire(job: Job, resources: list[Resource]) -> Lease | Refused:
     """A slot on every resource at once, or none. On refusal the job is on the full
-    resource's wait list. Fails open (returns a lease) when Redis is unreachable."""
+    resource's wait list. Fails open (returns a lease) when Redis is unreachable, closed
+    (refused, not on a wait list: its fallback wake-up asks again) when Redis refuses the
+    script."""
     lease = Lease(resources)
     if not resources:
         return lease
@@ -186,6 +194,8 @@ def acquire(job: Job, resources: list[Resource]) -> Lease | Refused:
             *[r.limit for r in resources],
         )
     except redis.RedisError as exc:
+        if script_refused(exc, f"concurrency caps of job={job.code}"):
+            return Refused(resources[0], 0, resources[0].limit, unchecked=True)
         log.warning("job=%s leases unavailable, running without a cap: %s", job.code, exc)
         return lease
     if index:

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import redis
 
 from jobs import queueing
+from jobs.flow import script_refused
 from jobs.models import Provider
 
 log = logging.getLogger(__name__)
 
-KEY = "aiqueue:gcra:{provider}:{unit}"
+# One hash tag per provider ({gcra:<id>}): its rpm and tpm keys go to one script (jobs.flow).
+KEY = "aiqueue:{{gcra:{provider}}}:{unit}"
 PERIOD_MS = 60_000
 
 # KEYS: one TAT key per limit. ARGV: per key (increment_ms, tau_ms).
@@ -93,7 +95,8 @@ def _limits(provider: Provider, tokens: int) -> list[tuple[str, str, int, int]]:
 
 
 def acquire(provider: Provider, tokens: int) -> Decision:
-    """Charge one request of `tokens` tokens, or say how long to wait. Fails open."""
+    """Charge one request of `tokens` tokens, or say how long to wait. Fails open when Redis
+    is out of reach, closed (wait a period) when it refuses the script."""
     limits = _limits(provider, tokens)
     if not limits:
         return Decision(True)
@@ -105,6 +108,8 @@ def acquire(provider: Provider, tokens: int) -> Decision:
             _SCRIPT, len(limits), *[key for key, *_ in limits], *args
         )
     except redis.RedisError as exc:
+        if script_refused(exc, f"rate limits of {provider.name}"):
+            return Decision(False, wait_s=PERIOD_MS / 1000, limit="unchecked: Redis refused it")
         log.warning("rate limiter unavailable for %s, not limiting: %s", provider.name, exc)
         return Decision(True)
     wait = float(wait_ms)

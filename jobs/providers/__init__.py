@@ -1,4 +1,1 @@
-"""AI providers: one module per kind (registry maps kinds to classes), plus the simulator.
-
-Keep this package free of Django imports: the simulator runs standalone from it.
-"""
+"""AI providers: one module per kind; the registry maps kinds to classes."""

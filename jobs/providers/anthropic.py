@@ -1,4 +1,13 @@
-"""Anthropic's Messages API."""
+"""Anthropic's Messages API.
+
+Parameters are sent only when set: current models refuse `temperature` (the current SDK's
+request type no longer has it), so it goes out only when a workload or a reviewer's retry
+sets one. The API version is a provider setting (`Provider.anthropic_version`, defaulting to
+what the current SDK sends). "Overloaded" is Anthropic's own 529 (retried like a 503); a
+`billing_error` is out of credit (base.from_response). Streams are the SSE events
+`message_start` (input usage), `content_block_delta`, `message_delta` (output usage, stop
+reason), `message_stop`, `ping`, and `error`, which ends the answer.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +15,26 @@ import json
 from typing import Any
 
 from jobs.providers.base import (
+    SCHEMA_INSTRUCTION,
     BaseProvider,
     Completion,
     CompletionRequest,
     DeltaCallback,
     ProviderError,
     error_message,
+    refusal_error,
+    stream_error,
 )
 
-API_VERSION = "2023-06-01"
+# What the current official SDK sends (anthropic 2.15); an older account can pin its own.
+DEFAULT_API_VERSION = "2026-10-21"
 
 
 class AnthropicProvider(BaseProvider):
     default_base_url = "https://api.anthropic.com/v1"
 
     def headers(self) -> dict[str, str]:
-        headers = {"anthropic-version": API_VERSION}
+        headers = {"anthropic-version": self.provider.anthropic_version or DEFAULT_API_VERSION}
         key = self.api_key()
         if key:
             headers["x-api-key"] = key
@@ -30,16 +43,14 @@ class AnthropicProvider(BaseProvider):
     def body(self, request: CompletionRequest) -> dict[str, Any]:
         system = request.system_prompt
         if request.json_schema is not None:
-            system = (
-                f"{system}\n\nAnswer with one JSON object that validates against this JSON "
-                f"Schema, and nothing else:\n{json.dumps(request.json_schema)}"
-            ).strip()
+            system = f"{system}{SCHEMA_INSTRUCTION}{json.dumps(request.json_schema)}".strip()
         body: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_output_tokens,
-            "temperature": request.temperature,
             "messages": [{"role": "user", "content": request.user_prompt}],
         }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
         if system:
             body["system"] = system
         if request.stream:
@@ -60,19 +71,19 @@ class AnthropicProvider(BaseProvider):
             text = "".join(
                 block.get("text", "") for block in data["content"] if block.get("type") == "text"
             )
-            usage = data.get("usage") or {}
-        except (ValueError, KeyError, TypeError) as exc:
+            tokens_in, tokens_out = _usage(data.get("usage") or {})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ProviderError(
                 f"malformed response: {exc!r}", retryable=True, error_class="malformed_response"
             )
         completion = Completion(
             text=text,
-            tokens_in=int(usage.get("input_tokens") or 0),
-            tokens_out=int(usage.get("output_tokens") or 0),
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
             finish_reason=data.get("stop_reason") or "",
             status=response.status_code,
         )
-        _raise_on_refusal(completion)
+        _raise_on_refusal(completion, data.get("stop_details"))
         return completion
 
     def _complete_streaming(
@@ -81,16 +92,18 @@ class AnthropicProvider(BaseProvider):
         parts: list[str] = []
         tokens_in = tokens_out = 0
         stop_reason = ""
+        stop_details = None
         for event, payload in self.stream_lines("/messages", json=body, headers=self.headers()):
             try:
                 data = json.loads(payload)
             except ValueError:
                 continue
+            if not isinstance(data, dict):
+                continue
             kind = data.get("type") or event
             if kind == "message_start":
-                usage = (data.get("message") or {}).get("usage") or {}
-                tokens_in = int(usage.get("input_tokens") or 0)
-                tokens_out = int(usage.get("output_tokens") or 0)
+                tokens_in, tokens_out = _usage((data.get("message") or {}).get("usage") or {})
+                self.call.report(tokens_in, None)
             elif kind == "content_block_delta":
                 delta = (data.get("delta") or {}).get("text")
                 if delta:
@@ -98,31 +111,44 @@ class AnthropicProvider(BaseProvider):
                     if on_delta:
                         on_delta(delta)
             elif kind == "message_delta":
+                # Usage here is cumulative; input counts appear when the server revises them.
                 usage = data.get("usage") or {}
+                if usage.get("input_tokens") is not None:
+                    tokens_in = _usage(usage)[0]
                 tokens_out = int(usage.get("output_tokens") or tokens_out)
-                stop_reason = (data.get("delta") or {}).get("stop_reason") or stop_reason
+                delta = data.get("delta") or {}
+                stop_reason = delta.get("stop_reason") or stop_reason
+                stop_details = delta.get("stop_details") or stop_details
+            elif kind == "message_stop":
+                self.call.report(tokens_in, tokens_out)
             elif kind == "error":
-                error = data.get("error") or {}
-                raise ProviderError(
-                    f"stream error: {error.get('message', error)}",
-                    retryable=error.get("type") in {"overloaded_error", "api_error"},
-                    error_class=str(error.get("type") or "stream_error"),
-                )
+                # Generation had begun: billed, at the input reported so far.
+                raise stream_error(data.get("error"), usage=None)
         completion = Completion(
             text="".join(parts),
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             finish_reason=stop_reason,
         )
-        _raise_on_refusal(completion)
+        _raise_on_refusal(completion, stop_details)
         return completion
 
 
-def _raise_on_refusal(completion: Completion) -> None:
+def _usage(usage: dict[str, Any]) -> tuple[int, int]:
+    """(input, output) tokens billed. Input is the sum of the uncached, cache-writing and
+    cache-reading tokens, as Anthropic's usage object defines it."""
+    tokens_in = sum(
+        int(usage.get(name) or 0)
+        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    return tokens_in, int(usage.get("output_tokens") or 0)
+
+
+def _raise_on_refusal(completion: Completion, details: Any) -> None:
     if completion.finish_reason == "refusal":
-        raise ProviderError(
-            "the provider refused the request",
-            retryable=False,
+        explanation = (details or {}).get("explanation") if isinstance(details, dict) else None
+        raise refusal_error(
+            explanation or "stop_reason refusal",
             status=completion.status,
-            error_class="refusal",
+            usage=(completion.tokens_in, completion.tokens_out),
         )

@@ -1,5 +1,16 @@
 """Any OpenAI-compatible Chat Completions endpoint: OpenAI, Azure-style base URLs, vLLM,
-Ollama, LiteLLM, and the built-in simulator."""
+Ollama, LiteLLM, and the built-in simulator.
+
+What differs between them is a provider setting, not a guess: OpenAI (and Azure) take the
+output limit as `max_completion_tokens` (`max_tokens` is deprecated there and refused by
+reasoning models), older OpenAI-compatible servers only know `max_tokens`
+(`Provider.max_tokens_field`). `temperature` is sent only when the workload (or a reviewer's
+retry) sets one.
+
+Answers are read as the official SDK reads them: a refusal is `message.refusal` with
+`content: null` (streamed: `delta.refusal`), a stream can end in an `{"error": ...}` chunk, and
+a 429 whose error is `insufficient_quota` is billing, not a rate limit (base.from_response).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +25,11 @@ from jobs.providers.base import (
     ProviderError,
     error_message,
     label_confidence,
+    refusal_error,
+    stream_error,
 )
+
+MAX_COMPLETION_TOKENS = "max_completion_tokens"
 
 
 class OpenAIProvider(BaseProvider):
@@ -29,12 +44,14 @@ class OpenAIProvider(BaseProvider):
         if request.system_prompt:
             messages.append({"role": "system", "content": request.system_prompt})
         messages.append({"role": "user", "content": request.user_prompt})
+        limit_field = self.provider.max_tokens_field or MAX_COMPLETION_TOKENS
         body: dict[str, Any] = {
             "model": request.model,
             "messages": messages,
-            "max_tokens": request.max_output_tokens,
-            "temperature": request.temperature,
+            limit_field: request.max_output_tokens,
         }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
         if request.labels:
             body["logprobs"] = True
             body["top_logprobs"] = min(5, len(request.labels))
@@ -59,29 +76,33 @@ class OpenAIProvider(BaseProvider):
             raise ProviderError.from_response(response, error_message(response))
         try:
             data = response.json()
+            if isinstance(data.get("error"), dict):  # a 200 that carries an error
+                raise stream_error(data["error"])
             choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
+            message = choice["message"]
+            text = message.get("content") or ""
+            refusal = message.get("refusal") or ""
             usage = data.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ProviderError(
                 f"malformed response: {exc!r}", retryable=True, error_class="malformed_response"
             )
-        finish_reason = choice.get("finish_reason") or ""
         completion = Completion(
             text=text,
             tokens_in=int(usage.get("prompt_tokens") or 0),
             tokens_out=int(usage.get("completion_tokens") or 0),
-            finish_reason=finish_reason,
+            finish_reason=choice.get("finish_reason") or "",
             confidence=_first_token_confidence(choice),
             status=response.status_code,
         )
-        _raise_on_refusal(completion)
+        _raise_on_refusal(completion, refusal)
         return completion
 
     def _complete_streaming(
         self, body: dict[str, Any], on_delta: DeltaCallback | None
     ) -> Completion:
         parts: list[str] = []
+        refusal: list[str] = []
         tokens_in = tokens_out = 0
         finish_reason = ""
         confidence = None
@@ -94,16 +115,25 @@ class OpenAIProvider(BaseProvider):
                 chunk = json.loads(payload)
             except ValueError:
                 continue
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error"):
+                # What the SDK raises on: the answer broke off; the text so far is not it.
+                raise stream_error(chunk["error"])
             usage = chunk.get("usage")
             if usage:
                 tokens_in = int(usage.get("prompt_tokens") or 0)
                 tokens_out = int(usage.get("completion_tokens") or 0)
+                self.call.report(tokens_in, tokens_out)
             for choice in chunk.get("choices") or []:
-                delta = (choice.get("delta") or {}).get("content")
-                if delta:
-                    parts.append(delta)
+                delta = choice.get("delta") or {}
+                if delta.get("refusal"):
+                    refusal.append(delta["refusal"])
+                text = delta.get("content")
+                if text:
+                    parts.append(text)
                     if on_delta:
-                        on_delta(delta)
+                        on_delta(text)
                 if confidence is None:
                     confidence = _first_token_confidence(choice)
                 finish_reason = choice.get("finish_reason") or finish_reason
@@ -114,7 +144,7 @@ class OpenAIProvider(BaseProvider):
             finish_reason=finish_reason,
             confidence=confidence,
         )
-        _raise_on_refusal(completion)
+        _raise_on_refusal(completion, "".join(refusal))
         return completion
 
 
@@ -125,11 +155,12 @@ def _first_token_confidence(choice: dict[str, Any]) -> float | None:
     return label_confidence(content[0].get("logprob"))
 
 
-def _raise_on_refusal(completion: Completion) -> None:
-    if completion.finish_reason == "content_filter":
-        raise ProviderError(
-            "the provider refused the request (content filter)",
-            retryable=False,
+def _raise_on_refusal(completion: Completion, refusal: str) -> None:
+    """A refusal (`message.refusal`, the model declining a structured output) or OpenAI's
+    or Azure's content filter: not an empty answer to judge or repair."""
+    if refusal or completion.finish_reason == "content_filter":
+        raise refusal_error(
+            refusal or "the content filter stopped the answer",
             status=completion.status,
-            error_class="refusal",
+            usage=(completion.tokens_in, completion.tokens_out),
         )

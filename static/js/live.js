@@ -84,6 +84,36 @@
     }, 1000);
   });
 
+  // A list socket carries the rows of every job its viewer may see, but a page shows one
+  // filtered page of them (and a new job has no row until the table is fetched again): a
+  // fragment whose target is not on this page is dropped instead of failing its out-of-band
+  // swap (htmx:oobErrorNoTarget). Only for socket messages; HTTP responses pass unchanged.
+  htmx.defineExtension("live-targets", {
+    transformResponse: function (text, xhr) {
+      if (xhr) return text;
+      var holder = document.createElement("template");
+      holder.innerHTML = text;
+      Array.prototype.slice.call(holder.content.children).forEach(function (fragment) {
+        if (fragment.id && !document.getElementById(fragment.id)) fragment.remove();
+      });
+      return holder.innerHTML;
+    }
+  });
+
+  // A form pushed by a worker was rendered without a request, so it has no CSRF token: give a
+  // POST form the page's own (the one htmx sends, from <body hx-headers>) as it is submitted.
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (form.method !== "post" || form.elements.csrfmiddlewaretoken) return;
+    var headers = JSON.parse(document.body.getAttribute("hx-headers") || "{}");
+    if (!headers["X-CSRFToken"]) return;
+    var token = document.createElement("input");
+    token.type = "hidden";
+    token.name = "csrfmiddlewaretoken";
+    token.value = headers["X-CSRFToken"];
+    form.appendChild(token);
+  });
+
   document.addEventListener("htmx:wsOpen", function (event) {
     var live = container(event);
     if (!live) return;

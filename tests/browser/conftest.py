@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 from django.conf import settings
 
 from aiqueue.redis_server import free_port
-from tests.conftest import BASE_DIR, spawn
+from tests.browser.pages import LiveApp
+from tests.helpers import BASE_DIR, database_url, spawn, wait_for_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -32,43 +29,6 @@ CHROMIUM_ARGS = [
 # Playwright's sync API runs an event loop in the test thread; the ORM calls the tests make
 # there (fixtures, assertions) are ordinary blocking calls.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
-
-def database_url() -> str:
-    database = settings.DATABASES["default"]
-    if database["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{database['NAME']}"
-    return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-
-
-def wait_for_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
-
-
-@dataclass
-class LiveApp:
-    url: str
-    port: int
-    start_web: Callable[[], subprocess.Popen]
-    web: subprocess.Popen
-
-    def stop_web(self) -> None:
-        """Stop the ASGI server (open websockets drop), e.g. to test reconnecting."""
-        self.web.terminate()
-        self.web.wait(timeout=15)
-
-    def restart_web(self) -> None:
-        if self.web.poll() is None:
-            self.stop_web()
-        self.web = self.start_web()
-        wait_for_port(self.port)
 
 
 @pytest.fixture
@@ -103,8 +63,10 @@ def live_app(transactional_db, simulator, redis_conn, tmp_path):
             process.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
+    """One chromium for the browser tests, closed after the last of them: Playwright's event loop
+    lives as long as it does, and the ORM's async_to_sync cannot run under it."""
     from playwright.sync_api import sync_playwright
 
     if not os.path.exists(CHROMIUM):
@@ -117,31 +79,13 @@ def browser():
 
 @pytest.fixture
 def page(browser):
+    from playwright.sync_api import expect
+
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(15_000)
+    # Assertions wait as long as actions do: on CI two suites share two cores, and an htmx swap
+    # can take longer than Playwright's default 5 s there.
+    expect.set_options(timeout=15_000)
     yield page
     context.close()
-
-
-def log_in(page, app: LiveApp, username: str, password: str) -> None:
-    page.goto(f"{app.url}/accounts/login/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", password)
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{app.url}/")
-
-
-def answer_next_dialog(page, *, accept: bool) -> list[str]:
-    """Answer the next dialog the page opens; the returned list gets its text."""
-    seen: list[str] = []
-
-    def answer(dialog) -> None:
-        seen.append(dialog.message)
-        if accept:
-            dialog.accept()
-        else:
-            dialog.dismiss()
-
-    page.once("dialog", answer)
-    return seen

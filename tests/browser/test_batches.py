@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 from batches import services
 from batches.models import Batch
 from jobs.models import Workload
-from tests.browser.conftest import answer_next_dialog, log_in
+from tests.browser.pages import answer_next_dialog, log_in
 
 pytestmark = pytest.mark.browser
 

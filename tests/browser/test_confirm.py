@@ -6,8 +6,7 @@ import pytest
 from playwright.sync_api import expect
 
 from jobs.models import Job
-from tests.browser.conftest import answer_next_dialog, log_in
-from tests.browser.test_live import submit_held_back
+from tests.browser.pages import answer_next_dialog, log_in, submit_held_back
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

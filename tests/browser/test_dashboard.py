@@ -17,10 +17,10 @@ from django.contrib.auth.models import User
 from playwright.sync_api import expect
 
 from aiqueue.redis_server import free_port
-from jobs import services
 from jobs.models import Budget, Job, ModelPrice, Priority, Provider, Workload
-from tests.browser.conftest import LiveApp, answer_next_dialog, database_url, log_in, wait_for_port
-from tests.conftest import BASE_DIR, spawn
+from tests.browser.pages import LiveApp, answer_next_dialog, log_in
+from tests.factories import submit
+from tests.helpers import BASE_DIR, database_url, spawn, wait_for_port
 
 pytestmark = pytest.mark.browser
 
@@ -85,12 +85,9 @@ def incident_setup(simulator):
     return provider, workload
 
 
-def submit(workload: Workload, n: int, priority: str = Priority.DEFAULT) -> None:
+def submit_tickets(workload: Workload, n: int, priority: str = Priority.DEFAULT) -> None:
     for i in range(n):
-        services.do_submit_job(
-            workload=workload, input_text=f"Ticket {i}: the printer is on fire.", user=None,
-            priority=priority,
-        )  # fmt: skip
+        submit(workload, None, f"Ticket {i}: the printer is on fire.", priority=priority)
 
 
 def test_outage_rehearsed_from_the_dashboard_is_absorbed_live(
@@ -116,7 +113,7 @@ def test_outage_rehearsed_from_the_dashboard_is_absorbed_live(
     expect(page.locator("#simulator [data-outage]")).to_have_attribute(
         "data-outage", "on", timeout=15_000
     )
-    submit(workload, 6)
+    submit_tickets(workload, 6)
 
     # The breaker opens after two failed calls and the jobs wait instead of failing.
     expect(breaker).to_have_text("open", timeout=30_000)
@@ -128,7 +125,7 @@ def test_outage_rehearsed_from_the_dashboard_is_absorbed_live(
     expect(page.locator("#simulator [data-outage]")).to_have_attribute(
         "data-outage", "off", timeout=15_000
     )
-    submit(workload, 10, Priority.LOW)
+    submit_tickets(workload, 10, Priority.LOW)
 
     screenshot = os.environ.get("AIQUEUE_DASHBOARD_SCREENSHOT")
     if screenshot:

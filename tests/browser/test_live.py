@@ -3,37 +3,18 @@ HTTP re-fetch on reconnect and polling while the socket is down."""
 
 from __future__ import annotations
 
-import time
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.utils import timezone
 from playwright.sync_api import expect
 
 from jobs import queueing, services
-from jobs.models import Job
-from tests.browser.conftest import log_in
+from tests.browser.pages import TEXT, log_in, open_live_page, submit_held_back, wait_for_status
+from tests.factories import submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-TEXT = "Notes: the team agreed to ship the new billing page on Friday after the review."
-
-
-def submit_held_back(workload, user, monkeypatch) -> Job:
-    """A job that stays queued until the test calls `queueing.enqueue(job)` itself, so the page
-    can be opened while it is still queued (the reconciler would enqueue it after its grace
-    period anyway)."""
-    enqueue = queueing.enqueue
-    monkeypatch.setattr(queueing, "enqueue", lambda job: None)
-    job = services.do_submit_job(workload=workload, input_text=TEXT, user=user)[0]
-    monkeypatch.setattr(queueing, "enqueue", enqueue)
-    return job
-
-
-def open_live_page(page, url: str) -> None:
-    """Open a live page and wait until its socket is open: the page fetches its live regions
-    again then (static/js/live.js), with htmx's request header."""
-    with page.expect_response(lambda response: response.request.headers.get("hx-request")):
-        page.goto(url)
 
 
 def mark_page(page) -> None:
@@ -191,9 +172,13 @@ def test_page_is_correct_after_the_server_drops_the_websocket_and_comes_back(
 
 
 def test_other_user_cannot_subscribe_to_a_job_and_foreign_origins_are_refused(
-    live_app, page, user, other_user, workload, monkeypatch
+    live_app, page, user, other_user, workload
 ):
-    job = submit_held_back(workload, user, monkeypatch)
+    # Both jobs start in an hour: the app's worker never runs them, so each cancel below wins
+    # and publishes. (A job queued for real could run to success before its cancel, and then
+    # no 'Cancelled' would ever come: the wait below timed out that way under load.)
+    later = timezone.now() + timedelta(hours=1)
+    job = submit(workload, user, TEXT, start_at=later)
     log_in(page, live_app, "bob", "pw-bob-123")
     ws_base = live_app.url.replace("http://", "ws://")
     close_code = """url => new Promise(resolve => {
@@ -202,7 +187,7 @@ def test_other_user_cannot_subscribe_to_a_job_and_foreign_origins_are_refused(
     })"""
     assert page.evaluate(close_code, f"{ws_base}/ws/jobs/{job.code}/") == 4403
     # Bob's own list socket is accepted, and it carries Bob's jobs, never Alice's.
-    bobs_job = services.do_submit_job(workload=workload, input_text=TEXT, user=other_user)[0]
+    bobs_job = submit(workload, other_user, TEXT, start_at=later)
     page.evaluate(
         """url => new Promise(resolve => {
             window.received = [];
@@ -212,8 +197,8 @@ def test_other_user_cannot_subscribe_to_a_job_and_foreign_origins_are_refused(
         })""",
         f"{ws_base}/ws/jobs/?parts=row",
     )
-    services.do_cancel_job(job, actor=user)  # Alice's: published first
-    services.do_cancel_job(bobs_job, actor=other_user)
+    assert services.do_cancel_job(job, actor=user)  # Alice's: published first
+    assert services.do_cancel_job(bobs_job, actor=other_user)
     page.wait_for_function(
         "code => window.received.some(m => m.includes(code) && m.includes('Cancelled'))",
         arg=str(bobs_job.code),
@@ -228,13 +213,3 @@ def test_other_user_cannot_subscribe_to_a_job_and_foreign_origins_are_refused(
     )
     page.goto("http://evil.example/")
     assert page.evaluate(close_code, f"{ws_base}/ws/jobs/") == 1006
-
-
-def wait_for_status(job: Job, wanted: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job.refresh_from_db()
-        if job.status == wanted:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"job stayed {job.status}, expected {wanted}")

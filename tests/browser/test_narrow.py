@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from jobs import services
-from tests.browser.conftest import log_in
-from tests.review.conftest import make_reviewer
+from tests.browser.pages import log_in
+from tests.factories import make_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 def test_pages_fit_a_390_px_screen(live_app, browser, workload, user):
-    reviewer = make_reviewer("rita")
+    reviewer = make_user("rita", role="reviewer")
     for index in range(3):
         services.do_submit_job(
             workload=workload, input_text=f"Meeting {index}: hiring, budget.", user=reviewer

@@ -11,10 +11,9 @@ from playwright.sync_api import expect
 from jobs import services
 from jobs.models import Job
 from review.models import ReviewItem
-from tests.browser.conftest import log_in
-from tests.review.conftest import classify_workload, make_reviewer
-
-__all__ = ["classify_workload"]  # the fixture, shared with tests/review
+from tests.browser.pages import log_in, open_live_page
+from tests.factories import make_user
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -22,18 +21,9 @@ SCRIPT = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(2)>"
 
 
-def wait_for(predicate, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 def submit_and_wait_for_review(workload, user, text: str) -> Job:
     job = services.do_submit_job(workload=workload, input_text=text, user=user)[0]
-    wait_for(lambda: Job.objects.get(pk=job.pk).status == "needs_review")
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "needs_review", timeout=30)
     return Job.objects.get(pk=job.pk)
 
 
@@ -44,7 +34,7 @@ def test_reviewer_works_three_items_with_the_keyboard(
     classify_workload.system_prompt = f"Labels: {SCRIPT}, {IMG}"
     classify_workload.max_output_tokens = 50  # room for the longest label
     classify_workload.save()
-    make_reviewer("rita")
+    make_user("rita", role="reviewer")
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
 
@@ -88,7 +78,7 @@ def test_reviewer_works_three_items_with_the_keyboard(
     page.wait_for_url(f"{live_app.url}/review/")
     expect(page.locator(".all-clear")).to_be_visible()
 
-    wait_for(lambda: Job.objects.get(pk=retry_job.pk).status == "succeeded")
+    wait_for(lambda: Job.objects.get(pk=retry_job.pk).status == "succeeded", timeout=30)
     approve_job.refresh_from_db()
     edit_job.refresh_from_db()
     retry_job.refresh_from_db()
@@ -113,11 +103,10 @@ def test_reviewer_works_three_items_with_the_keyboard(
 def test_inbox_shows_a_new_item_when_told_without_polling(
     live_app, page, simulator, classify_workload, user
 ):
-    make_reviewer("rita")
+    make_user("rita", role="reviewer")
     log_in(page, live_app, "rita", "pw-rita-123")
-    page.goto(f"{live_app.url}/review/")
+    open_live_page(page, f"{live_app.url}/review/")  # and its one re-fetch as the socket opens
     expect(page.locator(".all-clear")).to_be_visible()
-    time.sleep(1.5)  # the socket opens and the page re-fetches its table once
     fetches: list[str] = []
     page.on("request", lambda request: fetches.append(request.url))
 
@@ -134,7 +123,7 @@ def test_inbox_shows_a_new_item_when_told_without_polling(
 def test_enter_in_the_bulk_reject_reason_rejects_not_approves(
     live_app, page, simulator, classify_workload, user
 ):
-    make_reviewer("rita")
+    make_user("rita", role="reviewer")
     job = submit_and_wait_for_review(classify_workload, user, "Cheap pills [[low-confidence]]")
     item = ReviewItem.objects.get(job=job)
     log_in(page, live_app, "rita", "pw-rita-123")

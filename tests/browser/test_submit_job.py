@@ -4,7 +4,7 @@ import pytest
 from playwright.sync_api import expect
 
 from jobs.models import Job
-from tests.browser.conftest import log_in
+from tests.browser.pages import log_in
 
 pytestmark = pytest.mark.browser
 

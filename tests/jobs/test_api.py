@@ -1,20 +1,14 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from jobs import services
 from jobs.models import ApiToken, Job
-
-
-@pytest.fixture
-def token(user) -> str:
-    api_token = ApiToken(user=user, name="ci")
-    key = api_token.set_new_key()
-    api_token.save()
-    return key
 
 
 def post_job(client: Client, body: dict, **headers):
@@ -214,7 +208,7 @@ def test_a_wrong_method_answers_json_405_naming_the_allowed_ones(client, token, 
     job = services.do_submit_job(workload=workload, input_text="A note.", user=user)[0]
     auth = {"Authorization": f"Bearer {token}"}
     for method, path, allowed in (
-        ("get", "/api/jobs", "POST"),
+        ("delete", "/api/jobs", "GET, HEAD, POST"),
         ("post", f"/api/jobs/{job.code}", "GET, HEAD"),
         ("get", f"/api/jobs/{job.code}/cancel", "POST"),
     ):
@@ -223,6 +217,192 @@ def test_a_wrong_method_answers_json_405_naming_the_allowed_ones(client, token, 
         assert response["Content-Type"] == "application/json"
         assert response["Allow"] == allowed
         assert "is not allowed here" in response.json()["error"]
-    response = client.get("/api/jobs")  # no credentials: still JSON, never the HTML page
+    response = client.put("/api/jobs")  # no credentials: still JSON, never the HTML page
     assert response.status_code in (401, 405)
     assert response["Content-Type"] == "application/json"
+
+
+# Issue 18: hostile input is refused at the edge with a 400 that says why, never a 500.
+
+
+def post_raw(client: Client, raw: str | bytes, **headers):
+    return client.post("/api/jobs", data=raw, content_type="application/json", headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("[" * 100_000, "nests deeper than 32 levels"),
+        ('{"workload": "Summaries", "input": "x", "extra": ' + "[" * 40 + "]" * 40 + "}", "nests"),
+        ('{"workload": "Summaries", "input": "\\ud800"}', "lone surrogate"),
+        ('{"workload": "\\ud800", "input": "x"}', "lone surrogate"),
+        ('{"workload": "Summaries", "input": "x", "idempotency_key": "\\udfff"}', "surrogate"),
+        ('{"workload": "Summaries", "input": "x", "\\ud800": 1}', "key that holds U+D800"),
+        ('{"workload": "Summaries", "input": "a\\u0000b"}', "NUL"),
+    ],
+)
+def test_json_that_is_not_text_or_nests_too_deep_is_400(client, token, workload, raw, message):
+    assert_refused(post_raw(client, raw, Authorization=f"Bearer {token}"), message)
+
+
+def assert_refused(response, message: str) -> None:
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert not Job.objects.exists()
+
+
+def test_a_lone_surrogate_in_a_named_field_is_400(client, token, templated):
+    raw = '{"workload": "Summaries", "fields": {"customer": "\\ud800", "topic": "t"}}'
+    assert_refused(post_raw(client, raw, Authorization=f"Bearer {token}"), "lone surrogate")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("deadline", "9999-12-31T23:59:59-12:00"),
+        ("start_at", "0001-01-01T00:00:00+14:00"),
+        ("deadline", "9999-12-31T23:59:59+00:00"),
+        ("start_at", "1800-01-01T00:00:00+00:00"),
+    ],
+)
+def test_times_out_of_range_are_400(client, token, workload, name, value):
+    body = {"workload": workload.name, "input": "x", name: value}
+    assert_refused(
+        post_job(client, body, Authorization=f"Bearer {token}"), f"'{name}' is out of range"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"workload": "Summaries", "input": "x", "priority": []}, "'priority' must be one of"),
+        ({"workload": "Summaries", "input": "x", "priority": {}}, "'priority' must be one of"),
+        ({"workload": "Summaries", "input": "x", "priority": 0}, "'priority' must be one of"),
+        ({"workload": True, "input": "x"}, "'workload' must be"),
+        ({"workload": [], "input": "x"}, "'workload' must be"),
+        ({"workload": 1.0, "input": "x"}, "'workload' must be"),
+        ({"workload": 10**30, "input": "x"}, "'workload' is out of range"),
+        ({"workload": -1, "input": "x"}, "'workload' is out of range"),
+        ({"workload": "Summaries", "input": "x", "idempotency_key": 7}, "must be a string"),
+        ({"workload": "Summaries", "input": "x", "idempotency_key": "k" * 201}, "200"),
+        ({"workload": "Summaries", "input": "x", "deadline": 1e300}, "ISO 8601"),
+    ],
+)
+def test_wrong_json_types_are_400(client, token, workload, body, message):
+    assert_refused(post_job(client, body, Authorization=f"Bearer {token}"), message)
+
+
+def test_an_idempotency_header_over_200_characters_is_400(client, token, workload):
+    # Cut to 200, two different keys sharing a prefix would have returned each other's job.
+    response = post_job(
+        client,
+        {"workload": workload.name, "input": "x"},
+        Authorization=f"Bearer {token}",
+        **{"Idempotency-Key": "k" * 201},
+    )
+    assert response.status_code == 400
+    assert "200" in response.json()["error"]
+
+
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
+def test_a_token_request_to_an_unknown_api_address_is_json_404(token, method):
+    client = Client(enforce_csrf_checks=True)  # a program's client: no cookie, no CSRF token
+    response = getattr(client, method)(
+        "/api/nope", data="{}", content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+
+
+def test_a_session_request_without_csrf_token_is_json_403(user, workload):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    for path in ("/api/jobs", "/api/nope"):
+        response = (
+            post_job(browser, {"workload": workload.name, "input": "x"})
+            if path == ("/api/jobs")
+            else browser.post(path, data="{}", content_type="application/json")
+        )
+        assert response["Content-Type"] == "application/json", path
+        assert response.status_code in (403, 404), path
+    assert not Job.objects.exists()
+
+
+def test_a_crash_under_api_answers_json_500(client, token, workload, monkeypatch):
+    def boom(**kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(services, "do_submit_job", boom)
+    client.raise_request_exception = False
+    response = post_job(
+        client, {"workload": workload.name, "input": "x"}, Authorization=f"Bearer {token}"
+    )
+    assert response.status_code == 500
+    assert response["Content-Type"] == "application/json"
+    assert "a bug" not in response.content.decode()
+
+
+def test_a_form_encoded_body_over_the_limit_under_api_is_json_413(user, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1_000
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    browser.get("/jobs/new/")  # sets the CSRF cookie; the token then comes in the form body
+    token = browser.cookies["csrftoken"].value
+    response = browser.post("/api/jobs", data={"csrfmiddlewaretoken": token, "x": "x" * 5_000})
+    assert response.status_code == 413
+    assert response["Content-Type"] == "application/json"
+
+
+def test_a_job_set_aside_says_what_it_waits_for(client, token, workload):
+    start = (timezone.now() + timedelta(hours=2)).isoformat()
+    response = post_job(
+        client,
+        {"workload": workload.name, "input": "hello", "start_at": start},
+        Authorization=f"Bearer {token}",
+    )
+    assert response.status_code == 202, response.content
+    body = client.get(
+        f"/api/jobs/{response.json()['code']}", HTTP_AUTHORIZATION=f"Bearer {token}"
+    ).json()
+    assert (body["status"], body["wait_kind"]) == ("scheduled", "scheduled")
+    assert body["wait_reason"].startswith("scheduled to start at")
+
+
+@pytest.mark.parametrize(
+    ("values", "refused"),
+    [
+        ({"customer": "ACME", "topic": "the late invoice"}, None),
+        ({"customer": "ACME", "topic": "  \t"}, "topic"),  # blank is missing, in every way in
+    ],
+)
+def test_named_fields_read_the_same_from_the_form_the_api_and_a_batch(
+    client, token, templated, user, redis_conn, values, refused
+):
+    from batches.models import BatchRow
+    from jobs.forms import SubmitJobForm
+    from tests.factories import make_batch
+
+    api = post_job(
+        client, {"workload": templated.name, "fields": values}, Authorization=f"Bearer {token}"
+    )
+    form = SubmitJobForm(
+        data={"workload": templated.pk, **{f"field_{k}": v for k, v in values.items()}}
+    )
+    batch = make_batch(templated, user, [list(values), list(values.values())])
+    row = BatchRow.objects.get(batch=batch)
+    if refused is None:
+        assert api.status_code == 202, api.content
+        job = Job.objects.get()
+        assert form.is_valid(), form.errors
+        assert (form.cleaned_data["input_text"], form.cleaned_data["input_data"]) == (
+            job.input_text,
+            job.input_data,
+        )
+        assert (row.error, row.input_data) == ("", job.input_data)
+    else:
+        assert api.status_code == 400
+        assert f"missing or empty: {refused}" in api.json()["error"]
+        assert not form.is_valid()
+        assert form.errors[f"field_{refused}"] == ["Enter a value."]
+        assert row.error.startswith(f"empty value for {refused!r}")

@@ -12,18 +12,14 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 
-from jobs import admission, reconcile, services
-from jobs.models import ApiToken, Budget, Job
+from jobs import services
+from jobs.models import Budget, Job
+from runs import admission, reconcile
+from tests.factories import submit
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
-
-@pytest.fixture
-def token(user) -> str:
-    api_token = ApiToken(user=user, name="ci")
-    key = api_token.set_new_key()
-    api_token.save()
-    return key
+TEXT = "Minutes of the weekly sync."
 
 
 def post_job(client, token, body: dict, path="/api/jobs"):
@@ -33,12 +29,6 @@ def post_job(client, token, body: dict, path="/api/jobs"):
         content_type="application/json",
         headers={"Authorization": f"Bearer {token}"},
     )
-
-
-def submit(workload, user, **kwargs) -> Job:
-    return services.do_submit_job(
-        workload=workload, input_text="Minutes of the weekly sync.", user=user, **kwargs
-    )[0]
 
 
 def test_full_workload_queue_answers_429_with_retry_after_and_creates_nothing(
@@ -66,11 +56,11 @@ def test_global_queue_limit_answers_429(client, token, workload, redis_conn, set
 def test_form_says_the_queue_is_full_and_submits_nothing(user_client, workload, redis_conn):
     workload.max_queued = 1
     workload.save()
-    submit(workload, None)
+    submit(workload, None, TEXT)
     response = user_client.post(
         "/jobs/new/", {"workload": workload.pk, "input_text": "hello", "idempotency_key": "k1"}
     )
-    assert response.status_code == 200
+    assert response.status_code == 400  # the form again, with why (issue 18)
     assert "is full (1 jobs waiting, limit 1)" in response.content.decode()
     assert Job.objects.count() == 1
 
@@ -100,7 +90,7 @@ def test_job_past_its_deadline_expires_without_calling_the_provider(
     redis_conn, workload, user, run_worker, simulator
 ):
     budget = Budget.objects.create(name="monthly", cap_usd=Decimal("5"))
-    job = submit(workload, user, deadline=timezone.now() + timedelta(hours=1))
+    job = submit(workload, user, TEXT, deadline=timezone.now() + timedelta(hours=1))
     Job.objects.filter(pk=job.pk).update(deadline=timezone.now() - timedelta(seconds=1))
 
     run_worker()
@@ -116,11 +106,12 @@ def test_reconciler_expires_held_and_scheduled_jobs_past_their_deadline(
     redis_conn, workload, user, simulator
 ):
     Budget.objects.create(name="empty", cap_usd=Decimal("0"))
-    held = submit(workload, user, deadline=timezone.now() + timedelta(hours=1))
+    held = submit(workload, user, TEXT, deadline=timezone.now() + timedelta(hours=1))
     Budget.objects.all().delete()
     scheduled = submit(
         workload,
         user,
+        TEXT,
         start_at=timezone.now() + timedelta(hours=2),
         deadline=timezone.now() + timedelta(hours=3),
     )
@@ -133,10 +124,11 @@ def test_reconciler_expires_held_and_scheduled_jobs_past_their_deadline(
 
 
 def test_requested_start_time_schedules_the_job_until_then(
-    redis_conn, workload, user, run_worker, simulator
+    redis_conn, workload, user, run_worker, simulator, django_capture_on_commit_callbacks
 ):
     start = timezone.now() + timedelta(hours=1)
-    job = submit(workload, user, start_at=start)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = submit(workload, user, TEXT, start_at=start)
     job.refresh_from_db()
     assert job.status == "scheduled"
     assert job.resume_at == start
@@ -166,7 +158,7 @@ def test_deferrable_job_waits_for_the_off_peak_window(
     settings.AIQUEUE_DEFER_QUEUE_BELOW = 0
     workload.is_deferrable = True
     workload.save()
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
 
     run_worker()
 
@@ -187,7 +179,7 @@ def test_deferrable_job_runs_at_once_when_the_queue_is_quiet(
     settings.AIQUEUE_DEFER_QUEUE_BELOW = 5
     workload.is_deferrable = True
     workload.save()
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     run_worker()
     job.refresh_from_db()
     assert job.status == "succeeded"
@@ -204,7 +196,7 @@ def test_off_peak_window_may_span_midnight(settings):
 def test_paused_workloads_jobs_wait_and_resume_from_the_admin(
     admin_client, redis_conn, workload, user, run_worker, simulator
 ):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     workload.is_paused = True
     workload.save()
     run_worker()
@@ -228,7 +220,7 @@ def test_paused_workloads_jobs_wait_and_resume_from_the_admin(
 def test_bulk_cancel_from_the_list_cancels_only_the_ticked_jobs(
     user_client, redis_conn, workload, user, run_worker, simulator
 ):
-    jobs = [submit(workload, user) for _ in range(3)]
+    jobs = [submit(workload, user, TEXT) for _ in range(3)]
     response = user_client.post("/jobs/cancel/", {"codes": [str(jobs[0].code), str(jobs[1].code)]})
     assert response.status_code == 302
     run_worker()
@@ -238,7 +230,7 @@ def test_bulk_cancel_from_the_list_cancels_only_the_ticked_jobs(
 
 
 def test_bulk_cancel_skips_other_users_jobs(client, other_user, redis_conn, workload, user):
-    theirs = submit(workload, user)
+    theirs = submit(workload, user, TEXT)
     client.force_login(other_user)
     client.post("/jobs/cancel/", {"codes": [str(theirs.code)]})
     theirs.refresh_from_db()
@@ -246,7 +238,7 @@ def test_bulk_cancel_skips_other_users_jobs(client, other_user, redis_conn, work
 
 
 def test_list_has_a_checkbox_per_cancellable_job(user_client, redis_conn, workload, user):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     page = user_client.get("/jobs/").content.decode()
     assert f'name="codes" value="{job.code}" form="bulk-cancel"' in page
     assert 'action="/jobs/cancel/"' in page
@@ -258,7 +250,7 @@ def test_list_offers_checkboxes_only_for_jobs_the_viewer_may_cancel(
     # Like a reviewer: may see every job (view_job), may change only their own.
     viewer = User.objects.create_user("vera", "vera@example.com", "pw-vera-123")
     viewer.user_permissions.add(Permission.objects.get(codename="view_job"))
-    theirs = submit(workload, user)
+    theirs = submit(workload, user, TEXT)
     client.force_login(viewer)
 
     page = client.get("/jobs/").content.decode()
@@ -266,8 +258,8 @@ def test_list_offers_checkboxes_only_for_jobs_the_viewer_may_cancel(
     assert 'name="codes"' not in page
     assert "Cancel selected" not in page
 
-    own = submit(workload, viewer)
-    done = submit(workload, viewer)
+    own = submit(workload, viewer, TEXT)
+    done = submit(workload, viewer, TEXT)
     Job.objects.filter(pk=done.pk).update(status="succeeded")
     page = client.get("/jobs/").content.decode()
     assert f'name="codes" value="{own.code}"' in page

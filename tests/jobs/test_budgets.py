@@ -11,17 +11,15 @@ from django.db import connection
 from django.db.models import Sum
 from django.utils import timezone
 
-from jobs import reconcile, services
+from jobs import services
 from jobs.flow import budgets
 from jobs.models import Attempt, Budget, BudgetReservation, Job, Workload
+from runs import reconcile
+from tests.factories import INVOICE_SCHEMA, submit
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 TEXT = "Quarterly meeting: hiring plan, budget review, office move."
-
-
-def submit(workload, user, text=TEXT, **kwargs) -> Job:
-    return services.do_submit_job(workload=workload, input_text=text, user=user, **kwargs)[0]
 
 
 def cap_for(workload, jobs: float, text=TEXT) -> Decimal:
@@ -42,7 +40,7 @@ def make_budget(workload=None, *, cap, on_exhausted="hold", period="month") -> B
 
 def test_submit_reserves_the_worst_case_cost(redis_conn, workload, user):
     budget = make_budget(cap=Decimal("1"))
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     estimate = budgets.estimate(workload, TEXT)
     budget.refresh_from_db()
     job.refresh_from_db()
@@ -55,7 +53,7 @@ def test_submit_reserves_the_worst_case_cost(redis_conn, workload, user):
 def test_run_settles_actual_cost_and_releases_the_rest(redis_conn, workload, user, run_worker):
     global_budget = make_budget(cap=Decimal("1"))
     own_budget = make_budget(workload, cap=Decimal("1"))
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     run_worker()
     job.refresh_from_db()
     assert job.status == "succeeded"
@@ -72,21 +70,23 @@ def test_submit_without_a_price_is_refused_when_a_budget_applies(redis_conn, pro
     make_budget(cap=Decimal("10"))
     unpriced = Workload.objects.create(name="Unpriced", provider=provider, model="sim-unpriced")
     with pytest.raises(services.SubmitError, match="cannot estimate cost"):
-        submit(unpriced, user)
+        submit(unpriced, user, TEXT)
     assert not Job.objects.exists()
 
 
 def test_rejecting_budget_refuses_the_submit_and_creates_nothing(redis_conn, workload, user):
     budget = make_budget(cap=cap_for(workload, 1.5), on_exhausted="reject")
-    first = submit(workload, user)
+    first = submit(workload, user, TEXT)
     with pytest.raises(services.Overloaded, match="is exhausted") as refused:
-        submit(workload, user)
+        submit(workload, user, TEXT)
     assert refused.value.retry_after > 0
     assert list(Job.objects.values_list("pk", flat=True)) == [first.pk]
     budget.refresh_from_db()
     assert budget.reserved_nanos == budgets.estimate(workload, TEXT).nanos
 
 
+# Threads with connections of their own submit: their rows are committed.
+@pytest.mark.django_db(transaction=True)
 def test_200_concurrent_submissions_never_exceed_the_cap(redis_conn, workload, user, run_worker):
     budget = make_budget(cap=cap_for(workload, 50.5), on_exhausted="reject")
     barrier = threading.Barrier(20)
@@ -131,19 +131,20 @@ def test_200_concurrent_submissions_never_exceed_the_cap(redis_conn, workload, u
 
 
 def test_held_jobs_resume_in_priority_order_when_the_cap_is_raised(
-    redis_conn, workload, user, run_worker, simulator
+    redis_conn, workload, user, run_worker, simulator, django_capture_on_commit_callbacks
 ):
     budget = make_budget(cap=cap_for(workload, 1.5))
-    first = submit(workload, user)
-    low = submit(workload, user, priority="low")
-    high = submit(workload, user, priority="high")
+    first = submit(workload, user, TEXT)
+    low = submit(workload, user, TEXT, priority="low")
+    high = submit(workload, user, TEXT, priority="high")
     for job in (low, high):
         job.refresh_from_db()
         assert job.status == "held"
         assert "exhausted" in job.wait_reason
 
     budget.cap_usd = cap_for(workload, 2.5)
-    budget.save()  # an operator raises the cap in the admin
+    with django_capture_on_commit_callbacks(execute=True):
+        budget.save()  # an operator raises the cap in the admin
 
     low.refresh_from_db()
     high.refresh_from_db()
@@ -152,7 +153,8 @@ def test_held_jobs_resume_in_priority_order_when_the_cap_is_raised(
     assert budget.spent_nanos + budget.reserved_nanos <= budget.cap_nanos
 
     budget.cap_usd = cap_for(workload, 3.5)
-    budget.save()
+    with django_capture_on_commit_callbacks(execute=True):
+        budget.save()
     run_worker()
     statuses = dict(Job.objects.values_list("pk", "status"))
     assert statuses == {first.pk: "succeeded", low.pk: "succeeded", high.pk: "succeeded"}
@@ -164,7 +166,7 @@ def test_held_job_never_calls_the_provider_while_held(
     redis_conn, workload, user, run_worker, simulator
 ):
     make_budget(cap=Decimal("0"))
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     run_worker()
     job.refresh_from_db()
     assert job.status == "held"
@@ -177,7 +179,7 @@ def test_new_period_resets_spend_and_releases_held_jobs(redis_conn, workload, us
     Budget.objects.filter(pk=budget.pk).update(
         spent_nanos=budget.cap_nanos, period_start=timezone.now() - timedelta(days=1, hours=1)
     )
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     job.refresh_from_db()
     assert job.status == "held"
 
@@ -196,7 +198,7 @@ def test_new_period_resets_spend_and_releases_held_jobs(redis_conn, workload, us
 
 def test_reconciler_releases_a_reservation_left_by_a_dead_process(redis_conn, workload, user):
     budget = make_budget(cap=Decimal("1"))
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     # The job ended (say its worker died between finishing and releasing).
     Job.objects.filter(pk=job.pk).update(status=Job.Status.FAILED)
 
@@ -210,7 +212,7 @@ def test_reconciler_releases_a_reservation_left_by_a_dead_process(redis_conn, wo
 
 def test_cancelled_job_gives_its_reservation_back(redis_conn, workload, user, run_worker):
     budget = make_budget(cap=Decimal("1"))
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     services.do_cancel_job(job, actor=user)
     run_worker()
     budget.refresh_from_db()
@@ -234,7 +236,7 @@ def test_idempotent_resubmit_returns_the_same_job_and_reserves_once(redis_conn, 
 
 def test_admin_shows_spent_reserved_and_remaining(admin_client, redis_conn, workload, user):
     budget = make_budget(cap=Decimal("1"))
-    submit(workload, user)
+    submit(workload, user, TEXT)
     budget.refresh_from_db()
     page = admin_client.get("/admin/jobs/budget/").content.decode()
     assert f"{budget.reserved_usd:.6f}" in page
@@ -248,12 +250,11 @@ def test_admin_shows_spent_reserved_and_remaining(admin_client, redis_conn, work
 
 
 def test_a_second_paid_call_is_reserved_first_or_the_job_is_held(
-    redis_conn, provider, user, run_worker
+    redis_conn, provider, user, run_worker, django_capture_on_commit_callbacks
 ):
-    """Extract's repair call comes after a paid call that used up the job's reservation. With a
-    cap that fits one worst-case call, the repair cannot be reserved: the job is held instead
-    of spending past the cap, and resumes when the cap is raised."""
-    from tests.jobs.test_kinds import INVOICE_SCHEMA
+    """Extract's repair call comes after a paid call that used up part of the job's
+    reservation. With a cap that fits one worst-case call, the repair cannot be reserved: the
+    job is held instead of spending past the cap, and resumes when the cap is raised."""
 
     extractor = Workload.objects.create(
         name="Invoices",
@@ -265,7 +266,9 @@ def test_a_second_paid_call_is_reserved_first_or_the_job_is_held(
         max_output_tokens=200,
     )
     text = "ACME invoice [[invalid-json]]"
-    budget = make_budget(extractor, cap=cap_for(extractor, 1.2, text))
+    # The bound is far above what the first call costs: a cap of just over one bound fits the
+    # first call, and no second (the repair resends the prompt, so its bound is larger).
+    budget = make_budget(extractor, cap=cap_for(extractor, 1.05, text))
     job = submit(extractor, user, text)
     assert job.status == "queued"
 
@@ -282,7 +285,8 @@ def test_a_second_paid_call_is_reserved_first_or_the_job_is_held(
     assert not BudgetReservation.objects.filter(job=job).exists()
 
     budget.cap_usd = cap_for(extractor, 4, text)
-    budget.save()  # on commit: held jobs that now fit are reserved for and resumed
+    with django_capture_on_commit_callbacks(execute=True):
+        budget.save()  # on commit: held jobs that now fit are reserved for and resumed
     job.refresh_from_db()
     assert job.status == "queued"
     run_worker()
@@ -302,14 +306,14 @@ def test_a_job_dearer_than_the_whole_cap_says_so_rejected_or_held(redis_conn, wo
 
     # Rejecting: not "exhausted, renews next period" (a 429 to retry later): it never fits.
     with pytest.raises(services.SubmitError) as refused:
-        submit(workload, user)
+        submit(workload, user, TEXT)
     assert dearer in str(refused.value)
     assert whole in str(refused.value)
     assert not Job.objects.exists()
 
     # Holding: held (the operator may raise the cap), and its page says why it waits.
     Budget.objects.filter(pk=budget.pk).update(on_exhausted="hold")
-    held = submit(workload, user)
+    held = submit(workload, user, TEXT)
     assert held.status == "held"
     assert dearer in held.wait_reason
     assert whole in held.wait_reason
@@ -317,10 +321,70 @@ def test_a_job_dearer_than_the_whole_cap_says_so_rejected_or_held(redis_conn, wo
 
 def test_exhausted_messages_show_what_a_call_costs_not_zero(redis_conn, workload, user):
     budget = make_budget(cap=cap_for(workload, 1.5), on_exhausted="hold")
-    submit(workload, user)
-    held = submit(workload, user)
+    submit(workload, user, TEXT)
+    held = submit(workload, user, TEXT)
     assert held.status == "held"
     budget.refresh_from_db()
     used = budget.reserved_usd
     assert 0 < used < Decimal("0.001")
     assert f"({used:.6f} of {budget.cap_usd:.6f} USD this month)" in held.wait_reason
+
+
+def test_a_held_job_released_by_two_processes_at_once_is_reserved_once(
+    redis_conn, workload, user, monkeypatch
+):
+    """Two processes run release_held for the same held job: each read the held list before
+    the other reserved. The second must do nothing (it used to create a second reservation,
+    hit unique_reservation_per_job, and the IntegrityError left admission.finish)."""
+    budget = make_budget(cap=cap_for(workload, 1.5))
+    first = submit(workload, user, TEXT)
+    held = submit(workload, user, TEXT)
+    assert held.status == "held"
+    cap = cap_for(workload, 3.5)  # raised without the save signal: the test releases
+    Budget.objects.filter(pk=budget.pk).update(cap_usd=cap, cap_nanos=budgets.usd_to_nanos(cap))
+
+    real_estimate_for = budgets.estimate_for
+    raced: list[int] = []
+
+    def estimate_while_another_process_releases(job, **kwargs):
+        # The other process gets in between this one's read of the held jobs and its reserve.
+        if not raced:
+            raced.append(-1)
+            raced[0] = services.do_release_held()
+        return real_estimate_for(job, **kwargs)
+
+    monkeypatch.setattr(budgets, "estimate_for", estimate_while_another_process_releases)
+    resumed_here = services.do_release_held()
+
+    held.refresh_from_db()
+    budget.refresh_from_db()
+    assert raced == [1]  # the other process resumed it
+    assert resumed_here == 0  # and this one did nothing
+    assert held.status == "queued"
+    assert BudgetReservation.objects.filter(job=held).count() == 1
+    estimate = budgets.estimate(workload, TEXT).nanos
+    assert budget.reserved_nanos == 2 * estimate  # first + held, once each
+    assert first.pk != held.pk
+
+
+def test_release_held_on_commit_never_raises_out_of_a_finished_run(
+    redis_conn, workload, user, monkeypatch, run_worker
+):
+    """Whatever goes wrong in the on-commit release of held jobs, the run that gave its
+    reservation back has finished: RQ must not record it as failed."""
+    budget = make_budget(cap=cap_for(workload, 1.5))
+    first = submit(workload, user, TEXT)
+    submit(workload, user, TEXT)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("release_held broke")
+
+    monkeypatch.setattr(services, "do_release_held", broken)
+    run_worker()
+    first.refresh_from_db()
+    assert first.status == "succeeded"
+    import django_rq
+    from rq.registry import FailedJobRegistry
+
+    assert FailedJobRegistry(queue=django_rq.get_queue("default")).count == 0
+    assert budget.pk

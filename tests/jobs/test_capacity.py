@@ -7,35 +7,23 @@ import os
 import signal
 import sys
 from datetime import timedelta
-from types import SimpleNamespace
 
 import django_rq
 import pytest
 from django.utils import timezone
 
-from jobs import admission, services
+from jobs import services
 from jobs.flow import leases, rate_limits
 from jobs.flow.priorities import StarvationGuard
 from jobs.models import Job, JobEvent
-from jobs.worker import ThreadPoolWorker, Worker
-from tests.conftest import spawn
-from tests.jobs.test_pipeline import wait_for, worker_env
+from runs import admission
+from runs.worker import ThreadPoolWorker, Worker
+from tests.factories import submit
+from tests.helpers import occupy, spawn, wait_for, worker_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-
-def submit(workload, user, priority="", text="Notes from the planning meeting.") -> Job:
-    return services.do_submit_job(workload=workload, input_text=text, user=user, priority=priority)[
-        0
-    ]
-
-
-def occupy(resources) -> leases.Lease:
-    """Take a slot as if some other run held it."""
-    holder = SimpleNamespace(code="someone-else", priority="default", created_at=timezone.now())
-    lease = leases.acquire(holder, resources)
-    assert isinstance(lease, leases.Lease)
-    return lease
+TEXT = "Notes from the planning meeting."
 
 
 def test_job_over_the_cap_waits_with_its_reason_and_runs_when_a_slot_frees(
@@ -46,7 +34,7 @@ def test_job_over_the_cap_waits_with_its_reason_and_runs_when_a_slot_frees(
     [resource] = leases.resources_for(workload)
     other = occupy([resource])
 
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     run_worker()
 
     job.refresh_from_db()
@@ -71,9 +59,9 @@ def test_waiters_wake_by_priority_then_in_submit_order(redis_conn, workload, use
     workload.save()
     [resource] = leases.resources_for(workload)
     other = occupy([resource])
-    low_1 = submit(workload, user, "low")
-    high = submit(workload, user, "high")
-    low_2 = submit(workload, user, "low")
+    low_1 = submit(workload, user, TEXT, priority="low")
+    high = submit(workload, user, TEXT, priority="high")
+    low_2 = submit(workload, user, TEXT, priority="low")
     run_worker()
     assert leases.waiters(resource) == [str(high.code), str(low_1.code), str(low_2.code)]
 
@@ -88,8 +76,8 @@ def test_cancelled_waiter_is_skipped_when_a_slot_frees(redis_conn, workload, use
     workload.save()
     [resource] = leases.resources_for(workload)
     other = occupy([resource])
-    first = submit(workload, user)
-    second = submit(workload, user)
+    first = submit(workload, user, TEXT)
+    second = submit(workload, user, TEXT)
     run_worker()
     services.do_cancel_job(first, actor=user)
 

@@ -1,11 +1,11 @@
-"""The dashboard's server-rendered charts (jobs/charts.py): values map onto the viewBox."""
+"""The dashboard's server-rendered charts (ops/charts.py): values map onto the viewBox."""
 
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
 
-from jobs import charts
+from ops import charts
 
 START = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
 STARTS = [START + dt.timedelta(minutes=i) for i in range(5)]

@@ -26,7 +26,8 @@ def viewer(db) -> User:
 
 def test_operator_sees_health_figures_without_controls_they_lack(client, viewer, notes, redis_conn):
     Job.objects.create(workload=notes, input_text="x", status=Job.Status.WAITING,
-                       wait_reason="circuit breaker open for Sim; retrying at 10:00")  # fmt: skip
+                       wait_reason="circuit breaker open for Sim; retrying at 10:00",
+                       wait_kind=Job.WaitKind.BREAKER)  # fmt: skip
     client.force_login(viewer)
     html = client.get("/").content.decode()
     assert 'id="dashboard-live"' in html
@@ -34,6 +35,35 @@ def test_operator_sees_health_figures_without_controls_they_lack(client, viewer,
     assert 'data-breaker="closed"' in html
     # view_job only: no control buttons.
     assert "/operator/" not in html
+
+
+def test_providers_show_calls_per_job_retries_and_the_breaker_failure_rate(
+    client, viewer, notes, redis_conn
+):
+    from django.utils import timezone
+
+    from jobs.flow import breaker
+    from jobs.models import Attempt
+
+    sim = notes.provider
+    for i, numbers in enumerate([[1, 2], [1], [1, 2, 3]]):
+        job = Job.objects.create(workload=notes, input_text=f"x{i}")
+        for n in numbers:
+            Attempt.objects.create(
+                job=job, number=n, provider=sim, model="m", started_at=timezone.now()
+            )
+    for ok in [False, True, True, False, True]:
+        breaker.record(sim, ok=ok, was_probe=False, reason="503")
+    client.force_login(viewer)
+    html = client.get("/").content.decode()
+    row = re.search(rf'<tr id="provider-{sim.pk}">(.*?)</tr>', html, re.S).group(1)
+    cells = [
+        " ".join(re.sub(r"<[^>]+>", " ", c).split())
+        for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+    ]
+    # 6 calls for 3 jobs; 3 of them a job's second or third; 2 of the breaker's 5 calls failed.
+    assert cells[2:4] == ["2.00", "50.0%"]
+    assert cells[5].startswith("40.0% of 5 / 40.0%")
 
 
 def test_plain_user_does_not_see_the_health_panel(user_client, notes):
@@ -125,6 +155,6 @@ def test_health_figures_are_shared_for_a_moment_and_fresh_after_an_action(
     ],
 )
 def test_dashboard_money_shows_a_fraction_of_a_cent(amount, shown):
-    from jobs.templatetags.dashboard_tags import MISSING, usd
+    from ops.templatetags.dashboard_tags import MISSING, usd
 
     assert usd(amount) == (MISSING if amount is None else shown)

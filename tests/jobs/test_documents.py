@@ -11,15 +11,16 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
-from jobs import documents, live, reconcile, services
+from jobs import documents, kinds, live, services
 from jobs.documents import DocumentError, extract, split_into_chunks
 from jobs.flow import budgets
 from jobs.models import Budget, Job, Workload, nanos_to_usd
-from jobs.worker import build_worker
 from review import services as review_services
 from review.models import ReviewItem
+from runs import mapreduce, reconcile
+from runs.worker import build_worker
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def make_pdf(lines: list[str]) -> bytes:
@@ -134,7 +135,7 @@ def digest(provider) -> Workload:
 
 def submit_document(workload, user, paragraphs) -> Job:
     document = extract("doc.docx", make_docx(paragraphs))
-    job, _ = documents.do_submit_document(workload=workload, document=document, user=user)
+    job, _ = services.do_submit_document(workload=workload, document=document, user=user)
     return job
 
 
@@ -254,7 +255,7 @@ def test_document_upload_form_keeps_the_start_time_and_deadline(redis_conn, dige
 def test_document_upload_form_shows_why_a_file_is_refused(redis_conn, digest, user_client):
     upload = SimpleUploadedFile("terms.pdf", b"plain text pretending")
     response = user_client.post("/jobs/new/", {"workload": digest.pk, "document": upload})
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert "its content is plain text" in response.content.decode()
     assert Job.objects.count() == 0
 
@@ -317,9 +318,11 @@ def test_a_chunk_corrected_in_review_lets_the_document_finish_at_once(
 
     job.refresh_from_db()
     assert job.status == "succeeded"
-    assert "Part 1:\nThe buyer inspects the goods." in documents.combined_chunk_outputs(job)
+    assert "Part 1:\nThe buyer inspects the goods." in kinds.combined_chunk_outputs(job)
 
 
+# The worker runs one job at a time here, not through run_worker: rows must be committed.
+@pytest.mark.django_db(transaction=True)
 def test_cancelling_a_document_cancels_its_chunks_before_they_call(
     redis_conn, digest, user, simulator
 ):
@@ -342,7 +345,7 @@ def test_cancelling_a_document_cancels_its_chunks_before_they_call(
 
 
 def test_cancelling_a_document_withdraws_its_chunk_from_the_review_inbox(
-    redis_conn, digest, user, run_worker, simulator
+    redis_conn, digest, user, run_worker, simulator, django_capture_on_commit_callbacks
 ):
     job, _chunks, failed = document_with_a_failed_chunk(
         digest, user, run_worker, simulator, "the seller insures the cargo."
@@ -351,7 +354,9 @@ def test_cancelling_a_document_withdraws_its_chunk_from_the_review_inbox(
     item = ReviewItem.objects.get(job=failed)
     review_services.do_claim(item, user)  # a reviewer has it open
 
-    assert services.do_cancel_job(job, actor=user, reason="wrong file")
+    # The inbox hears of the stop once it is committed (jobs.signals.job_stopped).
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.do_cancel_job(job, actor=user, reason="wrong file")
 
     failed.refresh_from_db()
     item.refresh_from_db()
@@ -368,7 +373,7 @@ def test_cancelling_a_document_withdraws_its_chunk_from_the_review_inbox(
 
 
 def test_rejecting_a_document_withdraws_its_chunk_still_in_review(
-    redis_conn, digest, user, run_worker, simulator
+    redis_conn, digest, user, run_worker, simulator, django_capture_on_commit_callbacks
 ):
     paragraphs = [f"Clause {i}: the buyer pays the freight. " * 3 for i in range(4)]
     digest.max_attempts = 1
@@ -385,7 +390,8 @@ def test_rejecting_a_document_withdraws_its_chunk_still_in_review(
     assert job.status == "needs_review"
     document_item = ReviewItem.objects.get(job=job)
     review_services.do_claim(document_item, user)
-    review_services.do_reject(document_item, user, reason="not worth fixing")
+    with django_capture_on_commit_callbacks(execute=True):  # the stop's news, on commit
+        review_services.do_reject(document_item, user, reason="not worth fixing")
 
     second.refresh_from_db()
     assert (second.status, second.resolution) == ("resolved", "withdrawn")
@@ -394,11 +400,13 @@ def test_rejecting_a_document_withdraws_its_chunk_still_in_review(
     assert not review_services.open_items().exists()
 
 
+# The worker runs one job at a time here, not through run_worker: rows must be committed.
+@pytest.mark.django_db(transaction=True)
 def test_a_document_past_its_deadline_expires_with_its_chunks(redis_conn, digest, user, simulator):
     paragraphs = [f"Clause {i}: the port fees are the buyer's. " * 3 for i in range(6)]
     document = extract("doc.docx", make_docx(paragraphs))
     deadline = timezone.now() + timedelta(hours=1)
-    job, _ = documents.do_submit_document(
+    job, _ = services.do_submit_document(
         workload=digest, document=document, user=user, deadline=deadline
     )
     build_worker(name="split-only").work(burst=True, max_jobs=1)
@@ -470,7 +478,7 @@ def test_a_reduce_call_longer_than_its_reservation_is_held_not_overspent(
     assert job.attempts.count() == 0
 
     Budget.objects.filter(pk=budget.pk).update(cap_usd=10, cap_nanos=10 * 10**9)
-    budgets.release_held()
+    services.do_release_held()
     run_worker()
     job.refresh_from_db()
     assert job.status == "succeeded"  # nothing lost: it runs once the budget allows
@@ -496,7 +504,7 @@ def test_a_one_chunk_document_is_its_chunks_answer_without_a_reduce_call(
 def test_a_document_waiting_for_its_chunks_says_so(redis_conn, digest, user, user_client):
     job = submit_document(digest, user, [f"Clause {i}: the buyer pays." * 8 for i in range(3)])
     token = services.do_start_run(job)
-    assert not documents.ready_to_reduce(job, token)  # its first run fans the chunks out
+    assert not mapreduce.ready_to_reduce(job, token)  # its first run fans the chunks out
     job.refresh_from_db()
     assert job.status == "waiting"
     total = job.children.count()

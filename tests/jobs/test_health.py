@@ -6,7 +6,7 @@ import pytest
 from django.db import OperationalError
 
 from aiqueue.redis_server import free_port
-from jobs import health
+from ops import health
 
 
 def test_healthz_answers_without_login(client, db):

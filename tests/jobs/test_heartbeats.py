@@ -1,15 +1,18 @@
-"""The threaded worker's shared heartbeat (jobs.heartbeats.RunHeartbeats), in-process: one
+"""The threaded worker's shared heartbeat (runs.heartbeats.RunHeartbeats), in-process: one
 UPDATE for every run in flight, and each run told whether to go on."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 from django.utils import timezone
 
 from jobs import services
-from jobs.heartbeats import LOST, RunHeartbeats
 from jobs.models import Job
+from runs import heartbeats
+from runs.heartbeats import LOST, RunHeartbeats
+from tests.helpers import wait_for
 
 
 def started(workload, user, **fields) -> tuple[Job, object]:
@@ -45,6 +48,25 @@ def test_a_beat_refreshes_the_running_and_tells_the_others_to_stop(workload, use
     assert cancelled.heartbeat_at == long_ago
     late.refresh_from_db()
     assert late.status == Job.Status.EXPIRED  # the beat expired the run past its deadline
+    # The lost runs were told once and are no longer beaten for; the live one still is.
+    calls.clear()
+    assert set(beats.snapshot()) == {running_token}
+    assert beats.beat() == 1
+    assert calls == [("beat", "running")]
+
+
+def test_a_run_with_no_worker_wide_heartbeat_beats_alone_the_same_way(
+    workload, user, settings, transactional_db
+):
+    settings.AIQUEUE_HEARTBEAT_INTERVAL = 0.1
+    job, token = started(workload, user)
+    long_ago = timezone.now() - timedelta(minutes=5)
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=long_ago)
+    lost = threading.Event()
+    with heartbeats.beating_alone(job.pk, token, on_lost=lambda why: lost.set()):
+        wait_for(lambda: Job.objects.get(pk=job.pk).heartbeat_at > long_ago, timeout=5)
+        assert services.do_cancel_job(job, actor=user)
+        assert lost.wait(timeout=5)  # told at its next beat, as in a threaded worker
 
 
 def test_a_failing_callback_does_not_stop_the_other_runs_beats(workload, user):

@@ -7,7 +7,7 @@ import threading
 
 from django.conf import settings
 
-from jobs import joblog, runner
+from runs import joblog, runner
 
 
 class Collect(logging.Handler):
@@ -70,7 +70,7 @@ def test_concurrent_runs_in_threads_each_log_their_own_code():
 def test_configured_log_format_prints_the_job_code():
     config = settings.LOGGING
     formatter = logging.Formatter(config["formatters"]["plain"]["format"])
-    record = logging.LogRecord("jobs.runner", logging.INFO, __file__, 1, "done", None, None)
+    record = logging.LogRecord("runs.runner", logging.INFO, __file__, 1, "done", None, None)
     with joblog.job_context("abc"):
         joblog.JobContextFilter().filter(record)
     assert "job=abc done" in formatter.format(record)

@@ -9,30 +9,11 @@ from jobs import services
 from jobs.models import Attempt, Job, Workload
 from jobs.providers.openai import OpenAIProvider
 from review.models import ReviewItem
+from tests.factories import INVOICE_SCHEMA, make_workload
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 LABELS = ["billing", "bug", "feature_request"]
-INVOICE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "vendor": {"type": "string"},
-        "total": {"type": "number", "minimum": 0},
-        "due_date": {"type": "string", "format": "date"},
-    },
-    "required": ["vendor", "total", "due_date"],
-}
-
-
-def make_workload(provider, kind, **fields) -> Workload:
-    defaults = {
-        "name": f"{kind} workload",
-        "kind": kind,
-        "provider": provider,
-        "model": "sim-small",
-        "max_output_tokens": 300,
-    }
-    return Workload.objects.create(**{**defaults, **fields})
 
 
 def run(workload, user, run_worker, text="", **kwargs) -> Job:
@@ -163,7 +144,7 @@ def test_extract_invalid_json_is_repaired_when_the_second_answer_is_valid(
     job = run(extractor, user, run_worker, "ACME invoice, total 99, due 2025-01-01")
     assert job.status == "succeeded"
     assert len(prompts) == 2
-    assert "It is not valid: not valid JSON" in prompts[1]
+    assert "It is not valid: the answer is not valid JSON" in prompts[1]
     assert job.attempts.count() == 2
 
 

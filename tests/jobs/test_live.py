@@ -12,51 +12,20 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission, User
 from django.db import transaction
 
-from aiqueue.asgi import application
 from batches import services as batch_services
-from batches.models import Batch
 from jobs import live, services
 from jobs.models import Job, JobEvent
 from review.models import ReviewItem
-from tests.review.conftest import classify_workload, make_reviewer
-
-__all__ = ["classify_workload"]  # the fixture, shared with tests/review
+from tests.factories import make_batch, make_user, submit
+from tests.helpers import communicator, run, session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-ORIGIN = b"http://127.0.0.1:8000"
-
-
-def submit(workload, user, text="The quarterly meeting covered hiring and budget.") -> Job:
-    return services.do_submit_job(workload=workload, input_text=text, user=user)[0]
-
-
-def make_batch(workload, user) -> Batch:
-    return batch_services.do_create_batch(
-        workload=workload, filename="notes.csv", data=b"input\nfirst note\nsecond note\n", user=user
-    )
-
-
-def session_cookie(client, user) -> bytes:
-    client.force_login(user)
-    return f"sessionid={client.cookies['sessionid'].value}".encode()
-
-
-def communicator(path: str, cookie: bytes | None = None, origin: bytes = ORIGIN):
-    headers = [(b"host", b"127.0.0.1:8000"), (b"origin", origin)]
-    if cookie:
-        headers.append((b"cookie", cookie))
-    return WebsocketCommunicator(application, path, headers=headers)
 
 
 async def assert_closed_forbidden(comm: WebsocketCommunicator) -> None:
     connected, _ = await comm.connect(timeout=5)
     assert connected
     assert await comm.receive_output(timeout=5) == {"type": "websocket.close", "code": 4403}
-
-
-def run(coroutine_function) -> None:
-    async_to_sync(coroutine_function)()
 
 
 # --------------------------------------------------------------------------- who may listen
@@ -452,7 +421,7 @@ def test_batch_page_is_told_when_the_batch_or_one_of_its_jobs_changes(
 def test_inbox_is_told_of_an_escalation_once_per_transaction_and_never_on_rollback(
     redis_conn, client, classify_workload, user, run_worker
 ):
-    cookie = session_cookie(client, make_reviewer("rita"))
+    cookie = session_cookie(client, make_user("rita", role="reviewer"))
 
     def twice_then_roll_back() -> None:
         with transaction.atomic():

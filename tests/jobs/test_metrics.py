@@ -35,7 +35,11 @@ def data(db, redis_conn):
 
     job(Job.Status.QUEUED, Priority.HIGH)
     job(Job.Status.QUEUED, Priority.LOW)
-    job(Job.Status.WAITING, wait_reason="circuit breaker open for Sim; retrying at 12:00")
+    job(
+        Job.Status.WAITING,
+        wait_reason="circuit breaker open for Sim; retrying at 12:00",
+        wait_kind=Job.WaitKind.BREAKER,
+    )
     done = job(
         Job.Status.SUCCEEDED,
         queued_at=now - dt.timedelta(seconds=3),

@@ -11,10 +11,12 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import operator, retries
-from jobs.admission import PAUSED_REASON
+from jobs import operator, services
 from jobs.flow import breaker
 from jobs.models import Job, JobEvent, Priority, Provider, Workload
+from runs import retries
+from runs.admission import PAUSED_REASON
+from tests.factories import make_job
 
 
 @pytest.fixture
@@ -51,12 +53,6 @@ def ops_client(client, ops):
     return client
 
 
-def make_job(workload, status, priority=Priority.DEFAULT, **fields) -> Job:
-    return Job.objects.create(
-        workload=workload, input_text="x", status=status, priority=priority, **fields
-    )
-
-
 def audit_messages() -> list[str]:
     return [e.change_message for e in LogEntry.objects.order_by("id")]
 
@@ -74,8 +70,16 @@ def test_pause_workload_is_audited(ops_client, ops, notes):
 def test_resume_workload_wakes_the_jobs_paused_with_it(ops_client, ops, notes):
     notes.is_paused = True
     notes.save()
-    parked = make_job(notes, Job.Status.WAITING, wait_reason=PAUSED_REASON)
-    other = make_job(notes, Job.Status.WAITING, wait_reason="concurrency cap full (1/1) for Sim")
+    parked = make_job(
+        notes, Job.Status.WAITING, wait_reason=PAUSED_REASON, wait_kind=Job.WaitKind.PAUSED
+    )
+    # Its text says "paused" too, but it waits for capacity: the kind decides, not the words.
+    other = make_job(
+        notes,
+        Job.Status.WAITING,
+        wait_reason="concurrency cap full (1/1) for the paused workload's provider",
+        wait_kind=Job.WaitKind.CAPACITY,
+    )
 
     ops_client.post(reverse("operator:resume-workload", args=[notes.pk]))
 
@@ -92,11 +96,11 @@ def test_resume_workload_wakes_the_jobs_paused_with_it(ops_client, ops, notes):
 
 def test_cancel_low_priority_cancels_only_the_low_backlog(ops_client, ops, notes):
     low = [
-        make_job(notes, status, Priority.LOW)
+        make_job(notes, status, priority=Priority.LOW)
         for status in (Job.Status.QUEUED, Job.Status.WAITING, Job.Status.HELD)
     ]
-    low_running = make_job(notes, Job.Status.RUNNING, Priority.LOW)
-    high = make_job(notes, Job.Status.QUEUED, Priority.HIGH)
+    low_running = make_job(notes, Job.Status.RUNNING, priority=Priority.LOW)
+    high = make_job(notes, Job.Status.QUEUED, priority=Priority.HIGH)
 
     ops_client.post(reverse("operator:cancel-low-priority", args=[notes.pk]))
 
@@ -113,7 +117,9 @@ def test_cancel_low_priority_cancels_only_the_low_backlog(ops_client, ops, notes
 
 
 def test_release_held_resumes_jobs_that_fit(ops_client, ops, notes):
-    held = make_job(notes, Job.Status.HELD, wait_reason="budget 'x' exhausted")
+    held = make_job(
+        notes, Job.Status.HELD, wait_reason="budget 'x' exhausted", wait_kind=Job.WaitKind.BUDGET
+    )
 
     ops_client.post(reverse("operator:release-held"))
 
@@ -134,10 +140,16 @@ def test_reset_breaker_closes_it_and_wakes_the_jobs_parked_on_it(
         input_text="x",
         status=Job.Status.WAITING,
         wait_reason=f"{retries.breaker_wait_reason(sim)}; retrying at 10:00",
+        wait_kind=Job.WaitKind.BREAKER,
+        wait_on=services.provider_wait_on(sim),
         resume_at=timezone.now() + timedelta(minutes=5),
     )
     other = Job.objects.create(
-        workload=notes, input_text="y", status=Job.Status.WAITING, wait_reason="workload paused"
+        workload=notes,
+        input_text="y",
+        status=Job.Status.WAITING,
+        wait_reason="workload paused",
+        wait_kind=Job.WaitKind.PAUSED,
     )
 
     ops_client.post(reverse("operator:reset-breaker", args=[sim.pk]))
@@ -163,9 +175,32 @@ def test_simulator_outage_switch_puts_to_its_control_api(ops_client, ops, simula
     assert (config["outage"], config["error_rate"]) == (False, 0.0)
     assert audit_messages() == [
         "Operator: set simulator faults: outage=True",
-        "Operator: set simulator faults: error_rate=0.0, outage=False, rate_limit_rate=0.0, "
-        "timeout_rate=0.0",
+        "Operator: set simulator faults: error_rate=0.0, mid_stream_error_rate=0.0, "
+        "outage=False, overloaded_rate=0.0, quota_exhausted=False, rate_limit_rate=0.0, "
+        "refusal_rate=0.0, timeout_rate=0.0",
     ]
+
+
+def test_the_real_failure_shapes_are_switchable_from_the_dashboard(ops_client, ops, simulator):
+    ops_client.post(
+        reverse("operator:simulator-faults"),
+        {
+            "action": "set",
+            "latency_ms": "0",
+            "error_rate": "0",
+            "overloaded_rate": "0.25",
+            "refusal_rate": "0.1",
+            "mid_stream_error_rate": "0.5",
+            "quota_exhausted": "on",
+        },
+    )
+    config = simulator.state()["config"]
+    assert config["overloaded_rate"] == 0.25
+    assert config["refusal_rate"] == 0.1
+    assert config["mid_stream_error_rate"] == 0.5
+    assert config["quota_exhausted"] is True
+    page = ops_client.get("/").content.decode()
+    assert 'data-quota="on"' in page
 
 
 def test_simulator_latency_and_error_rate_form(ops_client, simulator):
@@ -283,3 +318,25 @@ def test_admin_changelists_render_with_search(client, notes, name):
     admin_user = User.objects.create_superuser("root", "root@example.com", "pw-root-12345")
     client.force_login(admin_user)
     assert client.get(reverse(f"admin:{name}_changelist"), {"q": "x"}).status_code == 200
+
+
+def test_a_breaker_wakes_only_its_own_waiters_whatever_their_names(notes, sim, redis_conn):
+    eu = Provider.objects.create(name=f"{sim.name} EU", kind=sim.kind)
+
+    def parked_on(provider: Provider) -> Job:
+        return Job.objects.create(
+            workload=notes,
+            input_text="x",
+            status=Job.Status.WAITING,
+            # "circuit breaker open for Sim EU" starts with Sim's own reason.
+            wait_reason=f"{retries.breaker_wait_reason(provider)}; retrying at 10:00",
+            wait_kind=Job.WaitKind.BREAKER,
+            wait_on=services.provider_wait_on(provider),
+        )
+
+    ours, theirs = parked_on(sim), parked_on(eu)
+    assert services.wake_breaker_waiters(sim) == 1
+    ours.refresh_from_db()
+    theirs.refresh_from_db()
+    assert (ours.status, theirs.status) == (Job.Status.QUEUED, Job.Status.WAITING)
+    assert (ours.wait_kind, ours.wait_on) == ("", "")

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import sys
-import time
 from datetime import timedelta
 from decimal import Decimal
 
 import django_rq
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
-from jobs import queueing, reconcile, services
+from jobs import queueing, services
 from jobs.models import Attempt, Job
-from tests.conftest import BASE_DIR, queued_ids, spawn
+from runs import reconcile
+from tests.factories import submit
+from tests.helpers import queued_ids, spawn, wait_for, worker_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def submit(workload, user, text="The quarterly meeting covered hiring and budget.") -> Job:
-    return services.do_submit_job(workload=workload, input_text=text, user=user)[0]
 
 
 def test_submitted_job_is_queued_under_its_deterministic_id(redis_conn, workload, user):
@@ -91,6 +89,83 @@ def test_reconciler_brings_back_every_job_after_redis_is_wiped(
     assert simulator.counters()["requests_total"] == 12
 
 
+def test_reconciler_brings_back_jobs_whose_queued_entry_is_on_no_queue(
+    redis_conn, workload, user, simulator, run_worker, settings, monkeypatch
+):
+    """Seen after worker kills: an RQ entry that says "queued" but is on no queue (the worker
+    popped it and died before starting it), so nothing would ever run the job. The reconciler
+    looks for it on its queue: always for a job that ran before, and for the oldest queued
+    jobs of each priority (a lost pop was at the head of its queue)."""
+    settings.AIQUEUE_ENQUEUE_GRACE = 0
+    monkeypatch.setattr(reconcile, "SEARCH_QUEUE_HEAD", 2)  # the two oldest
+    recovered = submit(workload, user)
+    Job.objects.filter(pk=recovered.pk).update(run_by="host/123/456")  # it ran before
+    oldest_fresh = submit(workload, user, "a fresh job, never run")
+    younger_fresh = submit(workload, user, "a younger fresh job")
+    assert younger_fresh.status == "queued"
+    Job.objects.filter(pk=recovered.pk).update(queued_at=timezone.now() - timedelta(minutes=3))
+    Job.objects.filter(pk=oldest_fresh.pk).update(queued_at=timezone.now() - timedelta(minutes=2))
+    redis_conn.delete(queueing.queue(recovered.priority).key)  # every entry off the queue
+    assert redis_conn.hget(f"rq:job:{oldest_fresh.rq_job_id}", "status") == b"queued"
+
+    report = reconcile.run()
+
+    # The recovered job, and the oldest fresh one (the head); not searched: the younger one.
+    assert report.requeued == 2
+    assert sorted(queued_ids()) == sorted([recovered.rq_job_id, oldest_fresh.rq_job_id])
+    run_worker()
+    assert Job.objects.get(pk=recovered.pk).status == "succeeded"
+    assert Job.objects.get(pk=oldest_fresh.pk).status == "succeeded"
+
+
+def test_reconciler_brings_back_jobs_a_dead_worker_had_started_in_redis_only(
+    redis_conn, workload, user, simulator, run_worker, settings
+):
+    """Seen after a worker kill under load: the worker took the entry and marked it started in
+    RQ, then died before the run began, so the row still says queued. RQ gives such an entry
+    up only at its started registry's cleanup, 15 minutes on; the reconciler asks whether the
+    worker that started it is still there."""
+    settings.AIQUEUE_ENQUEUE_GRACE = 0
+    orphaned, live = submit(workload, user, "taken by a dead worker"), submit(workload, user)
+    dead_pid = _a_dead_pid()
+    registrations = {
+        orphaned: ("worker.dead", {"hostname": socket.gethostname(), "pid": dead_pid}),
+        live: ("worker.live", {"hostname": socket.gethostname(), "pid": os.getpid()}),
+    }
+    for job, (worker_name, fields) in registrations.items():
+        redis_conn.hset(f"rq:worker:{worker_name}", mapping=fields)
+        redis_conn.hset(
+            f"rq:job:{job.rq_job_id}", mapping={"status": "started", "worker_name": worker_name}
+        )
+        redis_conn.lrem(queueing.queue(job.priority).key, 0, job.rq_job_id)
+        redis_conn.zadd(f"rq:wip:{job.priority}", {f"{job.rq_job_id}:exec1": 9e9})
+    # A worker whose registration has lapsed, on any host, is gone too.
+    lapsed = submit(workload, user, "taken by a worker on another host")
+    redis_conn.hset(
+        f"rq:job:{lapsed.rq_job_id}", mapping={"status": "started", "worker_name": "far.1"}
+    )
+    redis_conn.lrem(queueing.queue(lapsed.priority).key, 0, lapsed.rq_job_id)
+
+    report = reconcile.run()
+
+    assert report.requeued == 2
+    assert sorted(queued_ids()) == sorted([orphaned.rq_job_id, lapsed.rq_job_id])
+    # The dead execution is dropped, so RQ's cleanup will not mark the new entry failed.
+    assert redis_conn.zrange(f"rq:wip:{orphaned.priority}", 0, -1) == [
+        f"{live.rq_job_id}:exec1".encode()
+    ]
+    run_worker()
+    assert Job.objects.get(pk=orphaned.pk).status == "succeeded"
+    assert Job.objects.get(pk=lapsed.pk).status == "succeeded"
+    assert Job.objects.get(pk=live.pk).status == "queued"  # its worker is alive: left to it
+
+
+def _a_dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
 def test_reconciler_leaves_healthy_queue_entries_alone(redis_conn, workload, user, settings):
     settings.AIQUEUE_ENQUEUE_GRACE = 0
     submit(workload, user)
@@ -152,46 +227,20 @@ def test_killed_worker_process_loses_no_job(redis_conn, workload, user, simulato
         rescuer.terminate()
         rescuer.wait(timeout=10)
     job.refresh_from_db()
-    assert "worker lost: heartbeat stopped" in list(job.events.values_list("reason", flat=True))
-
-
-def worker_env(*, heartbeat: int, stale_after: int) -> dict:
-    database = settings.DATABASES["default"]
-    if database["ENGINE"].endswith("sqlite3"):
-        url = f"sqlite:///{database['NAME']}"
-    else:
-        url = (
-            f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/"
-            f"{database['NAME']}"
-        )
-    return {
-        "DATABASE_URL": url,
-        "REDIS_URL": settings.REDIS_URL,
-        "AIQUEUE_HEARTBEAT_INTERVAL": str(heartbeat),
-        "AIQUEUE_STALE_RUNNING_AFTER": str(stale_after),
-        "AIQUEUE_RECONCILE_INTERVAL": "1",
-        "AIQUEUE_ENQUEUE_GRACE": "0",
-        "PYTHONPATH": str(BASE_DIR),
-    }
-
-
-def wait_for(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"condition not met within {timeout} s")
+    # Its process is gone from this host: recovered at once, not after the stale threshold.
+    assert "worker lost: its process is gone" in list(job.events.values_list("reason", flat=True))
 
 
 def test_parked_job_waits_then_runs_when_its_time_comes(redis_conn, workload, user, run_worker):
     job = submit(workload, user)
     redis_conn.flushall()
     resume_at = timezone.now() + timedelta(seconds=60)
-    assert services.do_park_job(job, reason="rate limited", resume_at=resume_at)
+    assert services.do_park_job(
+        job, reason="rate limited", resume_at=resume_at, kind=Job.WaitKind.RATE_LIMIT
+    )
     job.refresh_from_db()
     assert job.status == "waiting"
-    assert job.wait_reason == "rate limited"
+    assert (job.wait_reason, job.wait_kind) == ("rate limited", "rate_limit")
     scheduled = django_rq.get_queue(job.priority).scheduled_job_registry.get_job_ids()
     assert scheduled == [job.rq_job_id]
 
@@ -209,7 +258,12 @@ def test_parked_job_waits_then_runs_when_its_time_comes(redis_conn, workload, us
 def test_waiting_job_is_not_run_before_its_resume_time(redis_conn, workload, user, run_worker):
     job = submit(workload, user)
     redis_conn.flushall()
-    services.do_park_job(job, reason="breaker open", resume_at=timezone.now() + timedelta(hours=1))
+    services.do_park_job(
+        job,
+        reason="breaker open",
+        resume_at=timezone.now() + timedelta(hours=1),
+        kind=Job.WaitKind.BREAKER,
+    )
     # A stray queue entry (say, a duplicate) must not start it early.
     queueing.enqueue(job)
     run_worker()
@@ -223,10 +277,40 @@ def test_reconciler_wakes_a_waiting_job_whose_schedule_was_lost(
     settings.AIQUEUE_ENQUEUE_GRACE = 0
     job = submit(workload, user)
     services.do_park_job(
-        job, reason="rate limited", resume_at=timezone.now() - timedelta(seconds=1)
+        job,
+        reason="rate limited",
+        resume_at=timezone.now() - timedelta(seconds=1),
+        kind=Job.WaitKind.RATE_LIMIT,
     )
     redis_conn.flushall()
     assert reconcile.run().woken == 1
     run_worker()
     job.refresh_from_db()
     assert job.status == "succeeded"
+
+
+def test_reconciler_wakes_a_job_whose_scheduled_entry_nobody_serves(
+    redis_conn, workload, user, run_worker
+):
+    # The entry is still in RQ's schedule, but no scheduler moves it (the one holding the lock
+    # died with its worker, and the lock outlives it by a minute): the job must not wait on it.
+    job = submit(workload, user)
+    redis_conn.flushall()
+    services.do_park_job(
+        job,
+        reason="rate limited",
+        resume_at=timezone.now() + timedelta(hours=1),
+        kind=Job.WaitKind.RATE_LIMIT,
+    )
+    assert job.rq_job_id.encode() in redis_conn.zrange("rq:scheduled:default", 0, -1)
+    assert reconcile.run().woken == 0  # not due: the entry is left to the scheduler
+
+    Job.objects.filter(pk=job.pk).update(
+        resume_at=timezone.now() - timedelta(seconds=reconcile.SCHEDULE_LATE_S + 1)
+    )
+    assert reconcile.run().woken == 1
+    run_worker()
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    reasons = list(job.events.values_list("reason", flat=True))
+    assert "woken by the reconciler: RQ's scheduler did not move it in time" in reasons

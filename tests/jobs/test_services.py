@@ -9,19 +9,16 @@ from rq.job import Job as RQJob
 
 from jobs import queueing, services
 from jobs.models import Job, JobEvent
-from jobs.worker import build_worker
-from tests.conftest import queued_ids
+from runs.worker import build_worker
+from tests.factories import submit
+from tests.helpers import queued_ids
 
-
-def submit(workload, user, text="Some meeting notes.", **kwargs) -> Job:
-    job, created = services.do_submit_job(workload=workload, input_text=text, user=user, **kwargs)
-    assert created
-    return job
+TEXT = "Some meeting notes."
 
 
 def test_submit_persists_job_and_audit_event(workload, user, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks() as callbacks:
-        job = submit(workload, user)
+        job = submit(workload, user, TEXT)
     job.refresh_from_db()
     assert job.status == Job.Status.QUEUED
     assert job.priority == workload.default_priority
@@ -35,7 +32,7 @@ def test_submit_persists_job_and_audit_event(workload, user, django_capture_on_c
 
 
 def test_submit_uses_priority_override(workload, user):
-    job = submit(workload, user, priority="high")
+    job = submit(workload, user, TEXT, priority="high")
     assert job.priority == "high"
 
 
@@ -58,30 +55,41 @@ def test_submit_to_paused_workload_is_refused(workload, user):
 
 
 def test_same_idempotency_key_returns_the_existing_job(workload, user):
-    first = submit(workload, user, idempotency_key="abc")
+    first = submit(workload, user, TEXT, idempotency_key="abc")
     again, created = services.do_submit_job(
-        workload=workload, input_text="different text", user=user, idempotency_key="abc"
+        workload=workload, input_text=first.input_text, user=user, idempotency_key="abc"
     )
     assert not created
     assert again.pk == first.pk
     assert Job.objects.count() == 1
 
 
-def test_idempotency_key_is_per_user(workload, user, other_user):
+def test_same_idempotency_key_with_another_input_is_a_conflict(workload, user):
+    # Issue 20: answering with the first job would hide the client's bug (the IETF draft: 422).
     first = submit(workload, user, idempotency_key="abc")
-    second = submit(workload, other_user, idempotency_key="abc")
+    with pytest.raises(services.IdempotencyConflict) as refused:
+        services.do_submit_job(
+            workload=workload, input_text="different text", user=user, idempotency_key="abc"
+        )
+    assert refused.value.job == first
+    assert Job.objects.count() == 1
+
+
+def test_idempotency_key_is_per_user(workload, user, other_user):
+    first = submit(workload, user, TEXT, idempotency_key="abc")
+    second = submit(workload, other_user, TEXT, idempotency_key="abc")
     assert first.pk != second.pk
 
 
 def test_idempotency_key_older_than_a_day_creates_a_new_job(workload, user):
-    first = submit(workload, user, idempotency_key="abc")
+    first = submit(workload, user, TEXT, idempotency_key="abc")
     Job.objects.filter(pk=first.pk).update(created_at=timezone.now() - timedelta(hours=25))
-    second = submit(workload, user, idempotency_key="abc")
+    second = submit(workload, user, TEXT, idempotency_key="abc")
     assert second.pk != first.pk
 
 
 def test_transition_is_compare_and_set(workload, user):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     stale_copy = Job.objects.get(pk=job.pk)
     assert services.transition(job, ["queued"], "cancelled", reason="first")
     # The loser of the race changes nothing and writes no event.
@@ -92,7 +100,7 @@ def test_transition_is_compare_and_set(workload, user):
 
 
 def test_finish_with_a_stale_run_token_is_ignored(workload, user):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     old_token = services.do_start_run(job)
     assert old_token is not None
     # The reconciler decided this run's worker was dead and the job was started again.
@@ -106,7 +114,7 @@ def test_finish_with_a_stale_run_token_is_ignored(workload, user):
 
 
 def test_cancel_only_unfinished_jobs(workload, user):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     assert services.do_cancel_job(job, actor=user)
     assert not services.do_cancel_job(job, actor=user)
     event = JobEvent.objects.filter(job=job, to_status="cancelled").get()
@@ -130,7 +138,7 @@ class _WorkerTakesItAfterTheRead(RQJob):
 def test_cancelling_a_job_that_a_worker_finishes_meanwhile_does_not_raise(
     redis_conn, workload, user, run_worker, monkeypatch, simulator
 ):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     monkeypatch.setattr(_WorkerTakesItAfterTheRead, "run_worker", staticmethod(run_worker))
     monkeypatch.setattr(queueing, "RQJob", _WorkerTakesItAfterTheRead)
 
@@ -148,9 +156,9 @@ def test_cancelling_a_job_that_a_worker_finishes_meanwhile_does_not_raise(
 def test_cancelling_a_job_a_worker_has_taken_leaves_its_rq_entry_to_the_worker(
     redis_conn, workload, user, simulator
 ):
-    job = submit(workload, user)
+    job = submit(workload, user, TEXT)
     # A threaded worker's main thread popped the id; the run has not started yet, so the
-    # entry still says queued (jobs.worker.ThreadPoolWorker.execute_job).
+    # entry still says queued (runs.worker.ThreadPoolWorker.execute_job).
     taken, rq_queue = rq.Queue.dequeue_any(
         [queueing.queue(job.priority)], None, connection=queueing.connection()
     )

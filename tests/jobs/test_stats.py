@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 from decimal import Decimal
 
 import pytest
+from django.apps import apps as django_apps
 
-from jobs import stats
+from jobs import timeline
 from jobs.flow import breaker, leases
 from jobs.models import Attempt, Budget, Job, JobEvent, Priority, Provider, Workload
+from ops import stats
 from review.models import ReviewItem
+from tests import factories
 
 NOW = dt.datetime(2025, 3, 15, 12, 0, 30, tzinfo=dt.UTC)
 
@@ -36,9 +40,7 @@ def tags(sim) -> Workload:
 
 def make_job(workload, status=Job.Status.QUEUED, priority=Priority.DEFAULT, **fields) -> Job:
     fields.setdefault("created_at", ago(hours=3))
-    return Job.objects.create(
-        workload=workload, input_text="x", status=status, priority=priority, **fields
-    )
+    return factories.make_job(workload, status, priority=priority, **fields)
 
 
 def attempt(job, number, started_at, cost="0", error_class="", latency_ms=100) -> Attempt:
@@ -62,16 +64,18 @@ def ledger(notes, tags):
         make_job(notes, priority=Priority.HIGH)
     make_job(notes, priority=Priority.LOW)
     make_job(tags, priority=Priority.DEFAULT)
-    for reason in [
-        "circuit breaker open for Sim; retrying at 12:01:00",
-        "concurrency cap full (3/3) for Sim",
-        "concurrency cap full (3/3) for workload Notes",
-        "rate limit (rpm) reached; retrying in 2.0 s",
-        "provider error (503); retrying at 12:00:40",
+    for reason, kind in [
+        ("circuit breaker open for Sim; retrying at 12:01:00", Job.WaitKind.BREAKER),
+        ("concurrency cap full (3/3) for Sim", Job.WaitKind.CAPACITY),
+        ("concurrency cap full (3/3) for workload Notes", Job.WaitKind.CAPACITY),
+        ("rate limit (rpm) reached; retrying in 2.0 s", Job.WaitKind.RATE_LIMIT),
+        ("provider error (503); retrying at 12:00:40", Job.WaitKind.BACKOFF),
     ]:
-        make_job(notes, Job.Status.WAITING, wait_reason=reason)
-    make_job(tags, Job.Status.WAITING, wait_reason="workload paused")
-    make_job(notes, Job.Status.HELD, wait_reason="budget 'b' exhausted")
+        make_job(notes, Job.Status.WAITING, wait_reason=reason, wait_kind=kind)
+    make_job(tags, Job.Status.WAITING, wait_reason="workload paused", wait_kind=Job.WaitKind.PAUSED)
+    make_job(
+        notes, Job.Status.HELD, wait_reason="budget 'b' exhausted", wait_kind=Job.WaitKind.BUDGET
+    )
     # Running: started 2 h ago (outside the latency window).
     make_job(notes, Job.Status.RUNNING, queued_at=ago(hours=2, seconds=5), started_at=ago(hours=2))
 
@@ -194,7 +198,7 @@ def test_review_backlog_counts_open_items_and_the_oldest_age(ledger):
 
 
 @pytest.mark.parametrize(
-    ("reason", "bucket"),
+    ("reason", "kind"),
     [
         ("circuit breaker open for OpenAI; retrying at 10:00:01", "breaker"),
         ("rate limited by provider; retrying at 10:00:01", "rate_limit"),
@@ -202,11 +206,33 @@ def test_review_backlog_counts_open_items_and_the_oldest_age(ledger):
         ("concurrency cap full (5/5) for OpenAI", "capacity"),
         ("workload paused", "paused"),
         ("provider error (timeout); retrying at 10:00:01", "backoff"),
+        (
+            "retry budget of OpenAI exhausted (3 retries / 11 calls in the last 60 s)",
+            "retry_budget",
+        ),
+        ("3 of 4 chunks still to finish", "chunks"),
         ("the run's time is up", "other"),
     ],
 )
-def test_wait_reasons_are_classified(reason, bucket):
-    assert stats.classify_wait_reason(reason) == bucket
+def test_jobs_waiting_before_the_kind_was_recorded_get_it_from_their_words(
+    notes, sim, reason, kind
+):
+    migration = importlib.import_module("jobs.migrations.0014_i19_wait_kind")
+    prefixed = Provider.objects.create(name=f"{sim.name} EU", kind=Provider.Kind.SIMULATED)
+    job = make_job(notes, Job.Status.WAITING, wait_reason=reason)
+    breaker_job = make_job(
+        notes, Job.Status.WAITING, wait_reason=f"circuit breaker open for {prefixed.name}; retry"
+    )
+    held = make_job(notes, Job.Status.HELD, wait_reason="provider Sim is out of credit")
+    migration.fill_wait_kind(django_apps, None)
+    job.refresh_from_db()
+    assert job.wait_kind == kind
+    assert timeline.legacy_wait_kind(Job.Status.WAITING, reason) == kind  # old audit events
+    breaker_job.refresh_from_db()
+    # The longest matching name: "Sim EU" is not "Sim".
+    assert (breaker_job.wait_kind, breaker_job.wait_on) == ("breaker", f"provider:{prefixed.pk}")
+    held.refresh_from_db()
+    assert held.wait_kind == "credit"
 
 
 def test_percentile_is_nearest_rank():
@@ -251,6 +277,23 @@ def test_breaker_state_is_read_from_redis(sim, redis_conn):
     [state] = stats.provider_states()
     assert state.breaker == "open"
     assert state.breaker_detail["failures"] == sim.breaker_failure_threshold
+
+
+def test_calls_per_job_and_retry_ratio_per_provider_come_from_the_last_hour(ledger, sim):
+    # Sim's calls of the last hour: three jobs, one of which made a second call.
+    [state] = stats.provider_states(NOW)
+    assert (state.calls, state.jobs, state.retries) == (4, 3, 1)
+    assert state.calls_per_job == pytest.approx(4 / 3)
+    assert state.retry_ratio == 0.25
+
+
+def test_breaker_failure_rate_is_shown_against_its_threshold(sim, redis_conn):
+    for ok in [True, False, True, True]:
+        breaker.record(sim, ok=ok, was_probe=False, reason="503")
+    [state] = stats.provider_states()
+    detail = state.breaker_detail
+    assert (detail["failure_rate"], detail["window_calls"]) == (0.25, 4)
+    assert (detail["threshold"], detail["min_calls"]) == (0.4, 10)
 
 
 def test_breaker_state_is_unknown_when_redis_is_down(sim, settings):

@@ -1,5 +1,6 @@
-"""A running job that is cancelled or passes its deadline stops: its streamed call is cut at the
-next heartbeat, the job keeps the status it was given, and what was streamed is charged.
+"""A running job that is cancelled or passes its deadline stops: its call, streamed or not, is
+cut off at the next heartbeat, the job keeps the status it was given, the call is charged what
+the provider reported or else what was reserved for it, and its page ends showing that.
 
 The simulator streams slowly here (a chunk every 250 ms, 14+ chunks), so a run that was not
 cut would take seconds longer than one that was."""
@@ -17,8 +18,7 @@ from django.utils import timezone
 from jobs import services
 from jobs.flow import budgets
 from jobs.models import Attempt, Budget, Job
-from tests.jobs.test_pipeline import wait_for
-from tests.jobs.test_worker import start_worker, stop
+from tests.helpers import start_worker, stop, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -87,14 +87,14 @@ def test_cancelling_a_running_job_cuts_its_streamed_call(
 
     job.refresh_from_db()
     assert job.status == "cancelled"
-    # Cut at a heartbeat (0.2 s each), before the stream had ended: fewer tokens than the
-    # uncut call, and sooner than it took.
+    # Cut at a heartbeat (0.2 s each), before the stream had ended: sooner than it took.
     attempt = Attempt.objects.get(job=job)
-    assert attempt.error_class == "RunEnded"
-    assert attempt.tokens_out < full_tokens
+    assert attempt.error_class == "cut_off"
     assert finished_at - cancelled_at[0] < baseline
-    # What was streamed before the cut is charged, and the budget agrees with the ledger.
-    assert attempt.tokens_out > 0
+    # The provider's usage report never came: the call is charged at its reservation (what
+    # it may have generated before it noticed), and the budget agrees with the ledger.
+    assert attempt.tokens_out == workload.max_output_tokens
+    assert attempt.tokens_out >= full_tokens
     assert attempt.cost > 0
     assert job.cost_actual == attempt.cost
     assert job.cost_reserved == 0
@@ -126,8 +126,12 @@ def test_a_running_job_past_its_deadline_expires_and_its_call_is_cut(
     # The call was cut at the deadline: by its read timeout, clamped to the deadline, or by
     # the heartbeat that expired the job, whichever came first.
     attempt = Attempt.objects.get(job=job)
-    assert attempt.error_class in {"timeout", "RunEnded"}
-    assert 0 < attempt.tokens_out < full_tokens  # cut mid-stream, whatever the machine's load
+    assert attempt.error_class in {"timeout", "cut_off"}
+    if attempt.error_class == "timeout":
+        # What had streamed before the timeout, at one token per byte at most (jobs.costs).
+        assert attempt.tokens_out > 0
+    else:
+        assert attempt.tokens_out == workload.max_output_tokens  # charged as reserved
     assert attempt.ended_at < job.created_at + timedelta(seconds=baseline)
     assert attempt.cost > 0
 
@@ -165,5 +169,60 @@ def test_threaded_worker_cuts_a_cancelled_run_at_its_heartbeat(
         stop(worker)
     job.refresh_from_db()
     assert job.status == "cancelled"
-    assert Attempt.objects.get(job=job).error_class == "RunEnded"
+    assert Attempt.objects.get(job=job).error_class == "cut_off"
     assert cut_after < 2.5  # heartbeat every 1 s in this worker; the stream had seconds left
+
+
+def test_cancelling_a_call_that_does_not_stream_aborts_it(
+    redis_conn, provider, user, simulator, run_worker, settings, monkeypatch
+):
+    """A classify call does not stream: it used to run to its end (here 20 s) and be paid for,
+    its answer thrown away. The heartbeat now aborts it, it is charged at its reservation, and
+    the job's page is last told the truth: cancelled, with that attempt and its cost."""
+    from jobs import live
+    from jobs.models import Workload
+
+    settings.AIQUEUE_HEARTBEAT_INTERVAL = 0.2
+    classifier = Workload.objects.create(
+        name="Tickets",
+        kind=Workload.Kind.CLASSIFY,
+        labels=["billing", "bug"],
+        provider=provider,
+        model="sim-small",
+        max_output_tokens=5,
+    )
+    simulator.control(latency_ms=20_000)
+    job = services.do_submit_job(workload=classifier, input_text="I was charged twice", user=user)[
+        0
+    ]
+    published: list[tuple[str, int]] = []
+    real_publish = live.publish_job
+
+    def recording_publish(job_or_pk, **kwargs):
+        pk = getattr(job_or_pk, "pk", job_or_pk)
+        published.append((Job.objects.get(pk=pk).status, Attempt.objects.filter(job_id=pk).count()))
+        return real_publish(job_or_pk, **kwargs)
+
+    monkeypatch.setattr(live, "publish_job", recording_publish)
+
+    def cancel() -> None:
+        # The request is out, waiting for the answer: the simulator holds it (a fixed sleep
+        # after the "calling" stage was not enough on a loaded machine: the cancel came first).
+        wait_for(lambda: simulator.counters()["in_flight"] == 1, timeout=20)
+        services.do_cancel_job(Job.objects.get(pk=job.pk), actor=user, reason="not needed")
+
+    helper = in_background(cancel)
+    run_worker()
+    helper.join(timeout=5)
+
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    # Aborted, not answered: the simulator saw the client go (it would have answered after
+    # 20 s, and an answered call never counts as disconnected).
+    wait_for(lambda: simulator.counters()["disconnected"] == 1, timeout=15)
+    attempt = Attempt.objects.get(job=job)
+    assert attempt.error_class == "cut_off"
+    assert attempt.tokens_out == classifier.max_output_tokens  # no usage came: the reservation
+    assert attempt.cost > 0
+    assert job.cost_actual == attempt.cost
+    assert published[-1] == ("cancelled", 1)  # the page's last word has the attempt

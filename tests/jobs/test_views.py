@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
-from html.parser import HTMLParser
 
 import pytest
 from django.db import connection
@@ -11,13 +10,12 @@ from django.urls import reverse
 
 from jobs import live, services
 from jobs.models import Job, Workload
+from tests.factories import submit
+from tests.helpers import unnamed_filter_fields
 
 
-def make_job(workload, user, text="notes") -> Job:
-    return services.do_submit_job(workload=workload, input_text=text, user=user)[0]
-
-
-@pytest.mark.parametrize("url", ["/", "/jobs/", "/jobs/new/", f"/jobs/{uuid.uuid4()}/"])
+# A fixed code (no job has it): xdist workers must collect the same test ids.
+@pytest.mark.parametrize("url", ["/", "/jobs/", "/jobs/new/", f"/jobs/{uuid.UUID(int=1)}/"])
 def test_every_page_requires_login(client, db, url):
     response = client.get(url)
     assert response.status_code == 302
@@ -43,6 +41,48 @@ def test_new_job_form_submits_and_redirects_to_the_job(user_client, workload):
     assert job.input_text == "Long notes"
 
 
+def test_new_job_form_shows_the_estimate_and_what_it_is_based_on(user_client, workload):
+    from jobs.flow import budgets
+
+    page = user_client.get(reverse("jobs:new")).content.decode()
+    assert 'id="job-estimate"' in page
+    assert "Costs at most $" in page
+    assert "UTF-8 byte" in page  # what it is based on, said before anything is typed
+
+    def estimate_of(text: str) -> str:
+        response = user_client.post(
+            reverse("jobs:new"),
+            {"workload": workload.pk, "input_text": text, "estimate": "1"},
+            headers={"HX-Request": "true"},
+        )
+        assert response.status_code == 200
+        body = response.content.decode()
+        assert body.lstrip().startswith('<div id="job-estimate"')  # only the region
+        return body
+
+    english, chinese = "The meeting covered hiring.", "会议讨论了招聘计划和差旅预算。"
+    for text in (english, chinese):
+        expected = budgets.estimate_job(workload, text)
+        body = estimate_of(text)
+        assert f'data-estimate-usd="{expected.usd}"' in body
+        assert f"up to {expected.tokens_in} input and {workload.max_output_tokens} output" in body
+    # Fewer characters, more bytes: the Chinese input is reserved for more tokens.
+    assert (
+        budgets.estimate_job(workload, chinese).tokens_in
+        > budgets.estimate_job(workload, english).tokens_in
+    )
+    assert not Job.objects.exists()  # an estimate submits nothing
+
+
+def test_new_job_estimate_without_a_price_says_so(user_client, workload):
+    workload.model = "sim-unpriced"
+    workload.save()
+    response = user_client.post(
+        reverse("jobs:new"), {"workload": workload.pk, "input_text": "x", "estimate": "1"}
+    )
+    assert "cannot estimate cost" in response.content.decode()  # the no-JS page, whole
+
+
 def test_double_submitted_form_creates_one_job(user_client, workload):
     data = {"workload": workload.pk, "input_text": "x", "idempotency_key": "form-1"}
     first = user_client.post(reverse("jobs:new"), data)
@@ -53,13 +93,13 @@ def test_double_submitted_form_creates_one_job(user_client, workload):
 
 def test_new_job_form_shows_errors_and_keeps_input(user_client, workload):
     response = user_client.post(reverse("jobs:new"), {"workload": workload.pk, "input_text": "   "})
-    assert response.status_code == 200
+    assert response.status_code == 400  # a rejected form (issue 18)
     assert "Enter the input for the model." in response.content.decode()
     assert Job.objects.count() == 0
 
 
 def test_detail_shows_status_output_and_events(user_client, workload, user):
-    job = make_job(workload, user, "<script>alert(1)</script>")
+    job = submit(workload, user, "<script>alert(1)</script>")
     Job.objects.filter(pk=job.pk).update(
         status="succeeded", output_text="<img src=x onerror=alert(1)>"
     )
@@ -72,21 +112,21 @@ def test_detail_shows_status_output_and_events(user_client, workload, user):
 
 
 def test_detail_of_someone_elses_job_is_404(client, workload, user, other_user):
-    job = make_job(workload, other_user)
+    job = submit(workload, other_user, "notes")
     client.force_login(user)
     assert client.get(job.get_absolute_url()).status_code == 404
 
 
 def test_operator_sees_every_job(client, workload, user, operator):
-    job = make_job(workload, user)
+    job = submit(workload, user, "notes")
     client.force_login(operator)
     assert client.get(job.get_absolute_url()).status_code == 200
     assert str(job.code)[:8] in client.get(reverse("jobs:list")).content.decode()
 
 
 def test_list_filters_by_status_and_workload(user_client, workload, user):
-    queued = make_job(workload, user, "a")
-    done = make_job(workload, user, "b")
+    queued = submit(workload, user, "a")
+    done = submit(workload, user, "b")
     Job.objects.filter(pk=done.pk).update(status="succeeded")
     body = user_client.get(reverse("jobs:list"), {"status": "succeeded"}).content.decode()
     assert str(done.code)[:8] in body
@@ -95,7 +135,7 @@ def test_list_filters_by_status_and_workload(user_client, workload, user):
 
 def test_list_is_paginated_newest_first(user_client, workload, user, settings):
     settings.AIQUEUE_JOBS_PER_PAGE = 2
-    jobs = [make_job(workload, user, str(i)) for i in range(3)]
+    jobs = [submit(workload, user, str(i)) for i in range(3)]
     first_page = user_client.get(reverse("jobs:list"))
     assert [j.pk for j in first_page.context["page"].object_list] == [jobs[2].pk, jobs[1].pk]
     second_page = user_client.get(reverse("jobs:list"), {"page": 2})
@@ -103,7 +143,7 @@ def test_list_is_paginated_newest_first(user_client, workload, user, settings):
 
 
 def test_list_htmx_request_renders_only_the_table(user_client, workload, user):
-    make_job(workload, user)
+    submit(workload, user, "notes")
     response = user_client.get(reverse("jobs:list"), headers={"HX-Request": "true"})
     body = response.content.decode()
     assert body.lstrip().startswith('<div id="job-table"')
@@ -123,9 +163,9 @@ def listed(client, **params) -> list[int]:
 
 
 def test_list_search_finds_input_text_and_codes(user_client, workload, user, other_user):
-    invoice = make_job(workload, user, "Invoice 1042 from ACME is overdue")
-    notes = make_job(workload, user, "Standup notes: deploy on Friday")
-    make_job(workload, other_user, "Invoice from a customer of someone else")
+    invoice = submit(workload, user, "Invoice 1042 from ACME is overdue")
+    notes = submit(workload, user, "Standup notes: deploy on Friday")
+    submit(workload, other_user, "Invoice from a customer of someone else")
 
     assert listed(user_client, q="acme") == [invoice.pk]  # any case, anywhere in the input
     assert listed(user_client, q="invoice") == [invoice.pk]  # never another user's job
@@ -143,8 +183,8 @@ def test_list_search_finds_input_text_and_codes(user_client, workload, user, oth
 
 def test_list_says_which_filter_value_is_bad_and_applies_the_others(user_client, workload, user):
     other = Workload.objects.create(name="Other", provider=workload.provider, model="sim-small")
-    mine = make_job(workload, user, "a")
-    elsewhere = make_job(other, user, "b")
+    mine = submit(workload, user, "a")
+    elsewhere = submit(other, user, "b")
 
     response = user_client.get(reverse("jobs:list"), {"status": "bogus", "workload": other.pk})
     body = response.content.decode()
@@ -190,7 +230,7 @@ def test_list_shows_a_documents_cost_with_its_chunks_in_one_query(
         return job
 
     job = document("0", "0.00005", "0.000066")
-    plain = make_job(workload, user)
+    plain = submit(workload, user, "notes")
     Job.objects.filter(pk=plain.pk).update(cost_actual=Decimal("0.000012"))
     assert job.total_cost == Decimal("0.000116")
 
@@ -209,53 +249,14 @@ def test_list_shows_a_documents_cost_with_its_chunks_in_one_query(
     assert len(three_documents) == len(one_document)  # no query per row
 
 
-class LabelledFields(HTMLParser):
-    """The select and input fields inside the form with class `filters`, each with whether it
-    has an accessible name (aria-label, or a <label for=its id>)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.in_filters = False
-        self.fields: list[dict[str, str | None]] = []
-        self.label_for: set[str] = set()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = dict(attrs)
-        if tag == "form":
-            self.in_filters = "filters" in (attributes.get("class") or "").split()
-        elif tag == "label" and attributes.get("for"):
-            self.label_for.add(attributes["for"])
-        elif self.in_filters and tag in ("select", "input", "textarea"):
-            if attributes.get("type") != "hidden":
-                self.fields.append(attributes)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self.in_filters = False
-
-    def unnamed(self) -> list[str]:
-        return [
-            str(field.get("name"))
-            for field in self.fields
-            if not field.get("aria-label") and field.get("id") not in self.label_for
-        ]
-
-
-def unnamed_filter_fields(html: str) -> list[str]:
-    parser = LabelledFields()
-    parser.feed(html)
-    assert parser.fields, "no filter fields found"
-    return parser.unnamed()
-
-
 def test_list_filters_have_accessible_names(user_client, workload, user):
-    make_job(workload, user)
+    submit(workload, user, "notes")
     body = user_client.get(reverse("jobs:list")).content.decode()
     assert unnamed_filter_fields(body) == []
 
 
 def test_cancel_from_job_page(user_client, workload, user):
-    job = make_job(workload, user)
+    job = submit(workload, user, "notes")
     response = user_client.post(reverse("jobs:cancel", args=[job.code]))
     assert response.status_code == 302
     job.refresh_from_db()
@@ -264,14 +265,14 @@ def test_cancel_from_job_page(user_client, workload, user):
 
 
 def test_cancel_requires_post(user_client, workload, user):
-    job = make_job(workload, user)
+    job = submit(workload, user, "notes")
     assert user_client.get(reverse("jobs:cancel", args=[job.code])).status_code == 405
     job.refresh_from_db()
     assert job.status == "queued"
 
 
 def test_cancel_of_someone_elses_job_is_refused(client, workload, user, other_user):
-    job = make_job(workload, other_user)
+    job = submit(workload, other_user, "notes")
     client.force_login(user)
     assert client.post(reverse("jobs:cancel", args=[job.code])).status_code == 404
     job.refresh_from_db()
@@ -344,7 +345,7 @@ def test_submitting_to_a_paused_workload_is_refused_and_keeps_what_was_typed(use
         {"workload": workload.pk, "input_text": "Notes I typed", "idempotency_key": "k1"},
     )
     page = response.content.decode()
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert "Summaries is paused by an operator" in page
     assert f'<option value="{workload.pk}" selected>' in page
     assert "Notes I typed</textarea>" in page
@@ -372,10 +373,13 @@ def test_a_job_scheduled_for_another_day_says_which_day(user_client, workload, u
 def test_a_job_resuming_today_shows_only_the_time(user_client, workload, user):
     from django.utils import timezone
 
-    job = make_job(workload, user)
+    job = submit(workload, user, "notes")
     resume_at = timezone.now()
     services.do_park_job(
-        job, reason="concurrency cap full (1/1) for Summaries", resume_at=resume_at
+        job,
+        reason="concurrency cap full (1/1) for Summaries",
+        resume_at=resume_at,
+        kind=Job.WaitKind.CAPACITY,
     )
     stage = stage_on_page(user_client, job)
     assert stage.startswith('<span class="stage stage-waiting">Waiting for capacity</span>')

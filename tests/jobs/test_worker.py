@@ -1,4 +1,4 @@
-"""The threaded worker (jobs.worker.ThreadPoolWorker), as real `manage.py worker` processes
+"""The threaded worker (runs.worker.ThreadPoolWorker), as real `manage.py worker` processes
 on the suite's Redis and test database, calling the simulator over HTTP."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,38 +16,17 @@ from django.utils import timezone
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
-from jobs import queueing, reconcile, services
+from jobs import queueing, services
 from jobs.models import Attempt, Job
-from tests.conftest import spawn
-from tests.jobs.test_pipeline import wait_for, worker_env
+from runs import reconcile
+from tests.factories import submit
+from tests.helpers import spawn, start_worker, stop, wait_for, worker_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def submit_many(workload, user, n: int) -> list[Job]:
-    return [
-        services.do_submit_job(workload=workload, input_text=f"notes number {i}", user=user)[0]
-        for i in range(n)
-    ]
-
-
-def start_worker(tmp_path, *, threads: int, grace: int = 30, **env) -> subprocess.Popen:
-    environment = {
-        **worker_env(heartbeat=1, stale_after=3),
-        "AIQUEUE_WORKER_SHUTDOWN_GRACE": str(grace),
-        **env,
-    }
-    return spawn(
-        [sys.executable, "manage.py", "worker", "--no-scheduler", "--threads", str(threads)],
-        tmp_path,
-        environment,
-    )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait(timeout=10)
+    return [submit(workload, user, f"notes number {i}") for i in range(n)]
 
 
 def statuses(jobs: list[Job]) -> list[str]:
@@ -79,7 +57,7 @@ def test_django_rqs_rqworker_runs_the_threaded_worker_class(
     jobs = submit_many(workload, user, 3)
     worker = spawn(
         [sys.executable, "manage.py", "rqworker", "high", "default", "low",
-         "--worker-class", "jobs.worker.ThreadPoolWorker", "--burst"],
+         "--worker-class", "runs.worker.ThreadPoolWorker", "--burst"],
         tmp_path,
         {**worker_env(heartbeat=1, stale_after=3), "AIQUEUE_WORKER_THREADS": "4"},
     )  # fmt: skip
@@ -187,21 +165,27 @@ def test_sigkill_with_20_in_flight_recovers_all_and_charges_each_success_once(
     finally:
         stop(rescuer)
 
-    # 20 calls died with the worker, 20 more finished the jobs.
+    # 20 calls died with the worker, 20 more finished the jobs: the ledger has every one of
+    # them, the lost ones charged at their worst case (the provider may have billed them).
     assert simulator.counters()["requests_total"] == 40
+    assert Attempt.objects.filter(job__in=jobs).count() == 40
     for job in Job.objects.filter(pk__in=[j.pk for j in jobs]):
         successes = Attempt.objects.filter(job=job, http_status=200)
         assert successes.count() == 1
-        assert job.cost_actual == successes.get().cost
+        lost = Attempt.objects.get(job=job, state="unknown")
+        assert lost.error_message.startswith("outcome unknown: charged as reserved")
+        assert lost.cost == lost.reserved_cost > 0
+        assert not lost.consumes_attempt
+        assert job.cost_actual == successes.get().cost + lost.cost
         reasons = list(job.events.values_list("reason", flat=True))
-        assert "worker lost: heartbeat stopped" in reasons
+        assert "worker lost: its process is gone" in reasons
 
 
 def test_more_threads_than_redis_py_allows_by_default_all_get_a_connection(redis_conn):
     # redis-py refuses a 101st connection per pool (MaxConnectionsError); a job thread can
     # hold two at once. 120 threads, each holding a connection for 1 s at the same moment:
     # every job must run and the worker must survive.
-    from jobs.worker import ThreadPoolWorker
+    from runs.worker import ThreadPoolWorker
 
     queue = django_rq.get_queue("default")
     for _ in range(120):
@@ -218,7 +202,7 @@ def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn,
     # hands out every job); the threaded worker's key is kept alive by its monitor instead.
     from rq.worker.base import BaseWorker
 
-    from jobs.worker import ThreadPoolWorker
+    from runs.worker import ThreadPoolWorker
 
     beats = []
     original = BaseWorker.heartbeat
@@ -244,7 +228,7 @@ def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn,
 def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
     from rq.suspension import suspend
 
-    from jobs.worker import ThreadPoolWorker
+    from runs.worker import ThreadPoolWorker
 
     queue = django_rq.get_queue("default")
     queue.enqueue("os.getpid", result_ttl=0)
@@ -283,26 +267,30 @@ def test_reconciler_leaves_a_job_that_was_parked_again_while_it_looked(
     settings.AIQUEUE_ENQUEUE_GRACE = 0
     job = services.do_submit_job(workload=workload, input_text="notes", user=user)[0]
     services.do_park_job(
-        job, reason="rate limited", resume_at=timezone.now() - timedelta(seconds=1)
+        job,
+        reason="rate limited",
+        resume_at=timezone.now() - timedelta(seconds=1),
+        kind=Job.WaitKind.RATE_LIMIT,
     )
     looked_up = queueing.missing_rq_jobs
 
-    def run_meanwhile(jobs):
+    def run_meanwhile(jobs, **kwargs):
         # Between the reconciler's read of the rows and its look in Redis, a worker runs the
         # job and parks it again; its new entry is written only once RQ has deleted the old
         # one (jobs.queueing._enqueue), so for that moment there is none.
         if job.pk not in {j.pk for j in jobs}:
-            return looked_up(jobs)
+            return looked_up(jobs, **kwargs)
         services.do_resume_job(job, reason="resume time reached", enqueue=False)
         token = services.do_start_run(job)
         services.do_park_job(
             job,
             reason="rate limited by provider",
             resume_at=timezone.now() + timedelta(seconds=60),
+            kind=Job.WaitKind.RATE_LIMIT,
             token=token,
         )
         redis_conn.delete(RQJob.key_for(job.rq_job_id))
-        return looked_up(jobs)
+        return looked_up(jobs, **kwargs)
 
     monkeypatch.setattr(queueing, "missing_rq_jobs", run_meanwhile)
     report = reconcile.run()

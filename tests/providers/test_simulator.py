@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import select
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+
+from simulator.server import count_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["billing", "bug", "feature-request"]
@@ -51,7 +54,7 @@ def _free_port() -> int:
 def _start(*args: str) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.providers.simulator", "--port", str(port), *args],
+        [sys.executable, "-m", "simulator", "--port", str(port), *args],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -138,8 +141,9 @@ def sse_events(text: str) -> list[tuple[str | None, str]]:
     return events
 
 
-def estimate(text: str) -> int:
-    return max(1, math.ceil(len(text) / 4)) if text else 0
+def prompt_tokens(*texts: str) -> int:
+    # Each message: its text as a byte-level BPE counts it, and 4 tokens of chat template.
+    return sum(count_tokens(text) + 4 for text in texts)
 
 
 def outcomes(client: httpx.Client) -> dict[str, int]:
@@ -165,8 +169,8 @@ def test_openai_completion_shape_and_usage(client: httpx.Client) -> None:
     assert choice["finish_reason"] == "stop"
     assert choice["logprobs"] is None
     usage = data["usage"]
-    assert usage["prompt_tokens"] == sum(estimate(m["content"]) for m in body["messages"])
-    assert usage["completion_tokens"] == estimate(content)
+    assert usage["prompt_tokens"] == prompt_tokens(*(m["content"] for m in body["messages"]))
+    assert usage["completion_tokens"] == count_tokens(content)
     assert 40 <= usage["completion_tokens"] <= 150
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
@@ -175,7 +179,7 @@ def test_max_tokens_truncates_with_finish_reason_length(client: httpx.Client) ->
     data = complete(client, chat("Write about the release plan.", max_completion_tokens=10))
     assert data["choices"][0]["finish_reason"] == "length"
     assert data["usage"]["completion_tokens"] <= 10
-    assert len(data["choices"][0]["message"]["content"]) <= 40
+    assert count_tokens(data["choices"][0]["message"]["content"]) <= 10
 
 
 def test_answers_are_deterministic_per_seed(client: httpx.Client) -> None:
@@ -246,13 +250,170 @@ def test_low_confidence_and_invalid_label_markers(client: httpx.Client) -> None:
     assert invalid["choices"][0]["message"]["content"] not in LABELS
 
 
-def test_refuse_marker_is_a_content_filter_refusal(client: httpx.Client) -> None:
+def test_refusal_is_message_refusal_with_content_null(client: httpx.Client) -> None:
+    # The shape of a structured-output refusal: no content, the reason in message.refusal.
     data = complete(client, chat("Tell me something dangerous [[refuse]]"))
-    assert data["choices"][0]["finish_reason"] == "content_filter"
-    assert data["choices"][0]["message"]["content"] == ""
-    response = client.post("/v1/messages", json=anthropic("Again [[refuse]]"))
-    assert response.json()["stop_reason"] == "refusal"
-    assert outcomes(client) == {"refused": 2}
+    [choice] = data["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] is None
+    assert choice["message"]["refusal"]
+    assert data["usage"]["completion_tokens"] == count_tokens(choice["message"]["refusal"])
+
+    streamed = client.post("/v1/chat/completions", json=chat("Again [[refuse]]", stream=True)).text
+    chunks = [json.loads(d) for _e, d in sse_events(streamed) if d != "[DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("refusal") or "" for d in deltas) == choice["message"]["refusal"]
+    assert not "".join(d.get("content") or "" for d in deltas)
+
+    claude = client.post("/v1/messages", json=anthropic("Again [[refuse]]")).json()
+    assert claude["stop_reason"] == "refusal"
+    assert claude["stop_details"]["type"] == "refusal"
+    assert claude["content"] == []
+    # Refusals are billed: their tokens are counted.
+    counters = client.get("/_control").json()["counters"]
+    assert counters["by_outcome"] == {"refused": 3}
+    assert counters["completion_tokens"] == 3 * data["usage"]["completion_tokens"]
+
+
+def test_refusal_rate_and_content_filter_marker(client: httpx.Client) -> None:
+    configure(client, refusal_rate=1.0)
+    assert complete(client, chat("Plain request"))["choices"][0]["message"]["content"] is None
+    configure(client, refusal_rate=0.0)
+    filtered = complete(client, chat("Something [[content-filter]]"))
+    assert filtered["choices"][0]["finish_reason"] == "content_filter"
+    assert filtered["choices"][0]["message"]["content"] == ""
+
+
+def test_quota_exhausted_is_billing_not_rate(client: httpx.Client) -> None:
+    configure(client, quota_exhausted=True)
+    openai = client.post("/v1/chat/completions", json=chat("x"))
+    assert openai.status_code == 429
+    assert openai.json()["error"]["code"] == "insufficient_quota"
+    assert openai.json()["error"]["type"] == "insufficient_quota"
+    assert "retry-after" not in openai.headers
+    claude = client.post("/v1/messages", json=anthropic("x"))
+    assert claude.status_code == 402
+    assert claude.json()["error"]["type"] == "billing_error"
+    assert outcomes(client) == {"quota": 2}
+
+
+def test_every_answer_carries_the_rate_limit_headers(client: httpx.Client) -> None:
+    configure(client, ratelimit_requests=100, ratelimit_tokens=100_000)
+    first = client.post("/v1/chat/completions", json=chat("x"))
+    second = client.post("/v1/chat/completions", json=chat("x"))
+    for name in ("requests", "tokens"):
+        assert first.headers[f"x-ratelimit-limit-{name}"] == str(
+            100 if name == "requests" else 100_000
+        )
+        assert int(second.headers[f"x-ratelimit-remaining-{name}"]) < int(
+            first.headers[f"x-ratelimit-remaining-{name}"]
+        )
+        assert re.fullmatch(r"(\d+m)?[\d.]+m?s", first.headers[f"x-ratelimit-reset-{name}"])
+    claude = client.post("/v1/messages", json=anthropic("x"))
+    assert claude.headers["anthropic-ratelimit-requests-limit"] == "100"
+    assert claude.headers["anthropic-ratelimit-tokens-remaining"].isdigit()
+    assert claude.headers["anthropic-ratelimit-requests-reset"].endswith("Z")
+
+
+def test_enforced_rate_limit_answers_429_with_headers_and_no_retry_after(
+    client: httpx.Client,
+) -> None:
+    configure(client, ratelimit_enforce=True, ratelimit_requests=2)
+    statuses = [client.post("/v1/chat/completions", json=chat("x")) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    limited = statuses[-1]
+    assert "retry-after" not in limited.headers
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_mid_stream_error_breaks_the_stream_the_way_each_api_does(client: httpx.Client) -> None:
+    configure(client, mid_stream_error_rate=1.0)
+    body = chat("Summarize the incident review for the payments outage.", stream=True)
+    events = sse_events(client.post("/v1/chat/completions", json=body).text)
+    payloads = [json.loads(data) for _event, data in events if data != "[DONE]"]
+    assert events[-1][1] != "[DONE]"
+    assert payloads[-1]["error"]["type"] == "server_error"
+    assert any(p.get("choices") and p["choices"][0]["delta"].get("content") for p in payloads)
+
+    claude = sse_events(client.post("/v1/messages", json=anthropic("Tell me", stream=True)).text)
+    assert claude[-1][0] == "error"
+    assert json.loads(claude[-1][1])["error"]["type"] == "overloaded_error"
+    assert "message_stop" not in [event for event, _data in claude]
+    # A request that does not stream has nothing to break: it is answered.
+    assert client.post("/v1/chat/completions", json=chat("x")).status_code == 200
+    assert outcomes(client) == {"mid_stream_error": 2, "ok": 1}
+
+
+def test_overloaded_is_529_on_the_anthropic_api(client: httpx.Client) -> None:
+    configure(client, overloaded_rate=1.0)
+    claude = client.post("/v1/messages", json=anthropic("x"))
+    assert claude.status_code == 529
+    assert claude.json()["error"]["type"] == "overloaded_error"
+    assert client.post("/v1/chat/completions", json=chat("x")).status_code == 503
+
+
+def test_script_names_faults_and_sets_headers(client: httpx.Client) -> None:
+    # The 429 of the issue: tokens exhausted for 1.5 s while requests reset in 6 minutes.
+    limited = {
+        "status": 429,
+        "headers": {
+            "x-ratelimit-remaining-requests": "4999",
+            "x-ratelimit-reset-requests": "6m0s",
+            "x-ratelimit-remaining-tokens": "0",
+            "x-ratelimit-reset-tokens": "1.5s",
+        },
+    }
+    configure(client, script=[limited, {"fault": "quota"}, {"fault": "refusal"}])
+    first = client.post("/v1/chat/completions", json=chat("x"))
+    assert first.status_code == 429
+    assert first.headers["x-ratelimit-reset-tokens"] == "1.5s"
+    assert first.headers["x-ratelimit-remaining-requests"] == "4999"
+    quota = client.post("/v1/chat/completions", json=chat("x"))
+    assert quota.json()["error"]["code"] == "insufficient_quota"
+    refusal = complete(client, chat("x"))
+    assert refusal["choices"][0]["message"]["refusal"]
+    bad = client.put("/_control", json={"script": [{"fault": "meteor"}]})
+    assert bad.status_code == 400
+    assert "fault" in bad.json()["error"]["message"]
+
+
+FAMILIES = {
+    "english": "The board approved the hiring plan and the travel budget for next year.",
+    "code": "for (int i = 0; i < n; ++i) { total += prices[i] * qty[i]; }\n",
+    "numbers": "2024-03-17 18:45:09 3.14159265 299792458 6.02214076e23 0.000183",
+    "chinese": "季度计划会议讨论了招聘计划、明年的差旅预算以及办公室搬迁。",
+    "japanese": "四半期の計画会議では、採用計画と来年の出張予算について話し合いました。",
+    "emoji": "🎉🚀👍🔥😀🙏✨💡📈🧪",
+}
+
+
+def test_tokens_are_counted_as_a_byte_level_bpe_counts_them(client: httpx.Client) -> None:
+    # Not ceil(chars / 4): code, numbers, CJK and emoji cost several times that, English less;
+    # and never more than one token per UTF-8 byte, the bound aiqueue reserves.
+    ratio = {}
+    for family, text in FAMILIES.items():
+        usage = complete(client, chat(text, max_tokens=5))["usage"]
+        tokens = usage["prompt_tokens"] - 4  # one message's chat template
+        assert tokens <= len(text.encode("utf-8"))
+        ratio[family] = tokens / math.ceil(len(text) / 4)
+    assert ratio["english"] < 1
+    assert ratio["code"] > 1.2
+    assert ratio["numbers"] > 2
+    assert ratio["chinese"] > 3.5
+    assert ratio["japanese"] > 3
+    assert ratio["emoji"] > 6
+
+
+def test_a_client_that_goes_away_is_counted_as_disconnected(base_url: str, client) -> None:
+    configure(client, latency_ms=3000)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/chat/completions", json=chat("x"), timeout=0.3)
+    deadline = time.monotonic() + 5
+    while client.get("/_control").json()["counters"]["disconnected"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.get("/_control").json()["counters"]["in_flight"] == 0
 
 
 # --------------------------------------------------------------------------- extraction
@@ -361,8 +522,8 @@ def test_anthropic_message_shape(client: httpx.Client) -> None:
     assert block["type"] == "text"
     assert data["stop_reason"] == "end_turn"
     assert data["usage"] == {
-        "input_tokens": estimate(body["system"]) + estimate(body["messages"][0]["content"]),
-        "output_tokens": estimate(block["text"]),
+        "input_tokens": prompt_tokens(body["system"], body["messages"][0]["content"]),
+        "output_tokens": count_tokens(block["text"]),
     }
     # Both APIs answer the same conversation the same way.
     same = chat(body["messages"][0]["content"], body["system"])
@@ -465,7 +626,7 @@ def test_outage_fails_both_apis(client: httpx.Client) -> None:
     assert openai.status_code == 503
     assert openai.json()["error"]["type"] == "server_error"
     claude = client.post("/v1/messages", json=anthropic("x"))
-    assert claude.status_code == 503
+    assert claude.status_code == 503  # error_status, as configured
     assert claude.json() == {
         "type": "error",
         "error": {"type": "overloaded_error", "message": claude.json()["error"]["message"]},

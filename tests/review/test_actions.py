@@ -12,7 +12,7 @@ from jobs.models import Attempt, Budget, Job, ModelPrice, Provider
 from review import services
 from review.models import ReviewItem
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 LOW = "Cheap pills here [[low-confidence]]"
 

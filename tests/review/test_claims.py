@@ -9,9 +9,9 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from jobs import reconcile
 from review import services
 from review.models import ReviewItem
+from runs import reconcile
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import django_rq
 import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
 from rq.registry import ScheduledJobRegistry
 
 from review import notifications, tasks
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def scheduled_digests() -> list[str]:
@@ -48,3 +52,32 @@ def test_a_digest_lists_only_items_not_announced_before(
     assert len(mailoutbox) == 2
     assert f"/review/{later.pk}/" in mailoutbox[1].body
     assert "1 item waiting" in mailoutbox[1].subject
+
+
+def test_the_digest_reaches_superusers_who_may_act_on_items(
+    redis_conn, classify_workload, escalate, mailoutbox
+):
+    User.objects.create_superuser("admin", "admin@example.com", "pw-admin-123")
+    escalate(classify_workload, "Offer [[low-confidence]]")
+    assert tasks.send_digest() == 1
+    assert mailoutbox[0].to == ["admin@example.com"]
+
+
+def test_the_inbox_says_when_nobody_is_emailed(client, reviewer, settings):
+    client.force_login(reviewer)
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    assert "Nobody is e-mailed" not in client.get("/review/").content.decode()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+    assert (
+        "messages are printed to the server&#x27;s log" in client.get("/review/").content.decode()
+    )
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    User.objects.filter(pk=reviewer.pk).update(email="")
+    assert "no reviewer has an e-mail address" in client.get("/review/").content.decode()
+
+
+def test_the_admin_run_creates_gets_the_address_it_is_given(db, monkeypatch):
+    monkeypatch.setenv("AIQUEUE_ADMIN_PASSWORD", "pw-admin-123")
+    monkeypatch.setenv("AIQUEUE_ADMIN_EMAIL", "ops@example.com")
+    call_command("ensure_admin", stdout=io.StringIO())
+    assert User.objects.get(username="admin").email == "ops@example.com"

@@ -11,9 +11,9 @@ from jobs.models import Job, Workload
 from review import rules
 from review.models import ReviewItem
 from review.validation import InvalidOutput, validate_output
-from tests.review.conftest import submit
+from tests.factories import submit
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def only_item(job: Job) -> ReviewItem:
@@ -42,9 +42,12 @@ def test_permanent_error_escalates_as_failed_with_the_error(
 
 
 def test_exhausted_retries_escalate_as_failed(redis_conn, workload, user, simulator, run_worker):
+    # A read timeout after the provider took the request is a paid attempt (a 503 is free).
     workload.max_attempts = 1
     workload.save()
-    simulator.control(script=[503])
+    workload.provider.read_timeout_s = 0.5
+    workload.provider.save()
+    simulator.control(script=[{"hang": 3}])
     job = submit(workload, user, "Meeting notes about hiring.")
     run_worker()
     item = only_item(job)

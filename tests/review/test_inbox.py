@@ -8,9 +8,9 @@ from django.urls import reverse
 from jobs.models import Job
 from review import services
 from review.models import ReviewItem
-from tests.jobs.test_views import unnamed_filter_fields
+from tests.helpers import unnamed_filter_fields
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 
 def listed(client, **params) -> list[int]:

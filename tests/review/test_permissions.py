@@ -11,7 +11,7 @@ from review.models import REVIEWERS_GROUP
 
 
 @pytest.fixture
-def item(transactional_db, redis_conn, classify_workload, escalate):
+def item(db, redis_conn, classify_workload, escalate):
     return escalate(classify_workload, "Pills [[low-confidence]]")[0]
 
 

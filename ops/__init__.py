@@ -1,0 +1,1 @@
+"""The operators' side: dashboard, stats, charts, metrics, health, operator actions' pages."""

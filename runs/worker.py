@@ -1,0 +1,666 @@
+"""The aiqueue workers: RQ's worker plus the reconciler in its maintenance pass.
+
+- `Worker`: one job at a time (RQ's SimpleWorker, no fork).
+- `ThreadPoolWorker`: many jobs at once in one process, one thread per job in flight. An AI
+  call is almost all waiting, so one process holds dozens of calls instead of one.
+
+`manage.py worker --threads N` runs a ThreadPoolWorker (N from AIQUEUE_WORKER_THREADS);
+`--threads 1` runs the plain Worker. django-rq's `rqworker --worker-class
+runs.worker.ThreadPoolWorker` works too. The reconciler runs here rather than as a job
+scheduled in Redis because it must survive Redis losing its data: a schedule stored in Redis
+would be lost with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import queue as queue_module
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import close_old_connections, connections
+from rq import worker_registration
+from rq.exceptions import DequeueTimeout, InvalidJobOperation, StopRequested
+from rq.job import Job as RQJob
+from rq.queue import Queue
+from rq.timeouts import BaseDeathPenalty, JobTimeoutException
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from jobs import drain, processes, queueing, services
+from jobs.flow.priorities import StarvationGuardMixin
+from jobs.models import Job
+from runs import dbconn, heartbeats, reconcile, runner, shutdown
+
+log = logging.getLogger(__name__)
+
+# RQ's worker blocks on the queues for worker_ttl - 15 s; keep that short so the maintenance
+# pass (and with it the reconciler) runs every few seconds even on an idle worker.
+WORKER_TTL = 30
+
+
+class RedisGate:
+    """The worker's own Redis calls (its loop, heartbeats, maintenance, RQ's bookkeeping):
+    while Redis is away they are skipped and retried with backoff, and the worker goes on.
+
+    RQ's `work()` quits on any exception its loop sees, so a Redis blip while every thread was
+    busy ended the worker. Through the gate a failed call is logged once (not once per try),
+    tried again after 0.5, 1, 2 … 30 s, and when Redis answers again `on_back` rebuilds what a
+    restarted or wiped Redis lost (the worker's registration; the reconciler re-enqueues the
+    jobs). The runs in flight go on meanwhile: the database is the source of truth. One gate
+    per thread that uses it."""
+
+    FIRST_WAIT_S = 0.5
+    MAX_WAIT_S = 30.0
+
+    def __init__(self, worker_name: str, on_back: Callable[[], None] | None = None) -> None:
+        self.worker_name = worker_name
+        self.on_back = on_back
+        self.down_since: float | None = None
+        self._retry_at = 0.0
+        self._wait = self.FIRST_WAIT_S
+
+    @property
+    def is_down(self) -> bool:
+        return self.down_since is not None
+
+    def seconds_to_retry(self) -> float:
+        return max(0.0, self._retry_at - time.monotonic()) if self.is_down else 0.0
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """Run `fn`; False if Redis failed (now, or recently and its retry is not due yet)."""
+        if self.is_down and time.monotonic() < self._retry_at:
+            return False
+        try:
+            fn(*args, **kwargs)
+        except redis.RedisError as exc:
+            self.failed(what, exc)
+            return False
+        self.succeeded()
+        return True
+
+    def failed(self, what: str, exc: Exception) -> None:
+        now_s = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now_s
+            self._wait = self.FIRST_WAIT_S
+            log.warning(
+                "worker %s: Redis unavailable (%s: %s); carrying on, retrying with backoff",
+                self.worker_name,
+                what,
+                exc,
+            )
+        self._retry_at = now_s + self._wait
+        self._wait = min(self._wait * 2, self.MAX_WAIT_S)
+
+    def succeeded(self) -> None:
+        if self.down_since is None:
+            return
+        away = time.monotonic() - self.down_since
+        self.down_since = None
+        log.warning("worker %s: Redis is back after %.1f s", self.worker_name, away)
+        if self.on_back is not None:
+            try:
+                self.on_back()
+            except Exception:
+                log.exception(
+                    "worker %s: rebuilding after Redis came back failed", self.worker_name
+                )
+
+
+class Worker(StarvationGuardMixin, SimpleWorker):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("worker_ttl", WORKER_TTL)
+        kwargs.setdefault("maintenance_interval", settings.AIQUEUE_RECONCILE_INTERVAL)
+        super().__init__(*args, **kwargs)
+        self._loop_gate = RedisGate(self.name, on_back=self._redis_back)
+
+    def serialize(self) -> dict:
+        # Beside RQ's fields in the worker's Redis hash, what the workers page shows (ops.fleet):
+        # the identity its runs record (Job.run_by) and how many jobs it runs at once.
+        return {
+            **super().serialize(),
+            "aiqueue_identity": processes.identity(),
+            "aiqueue_threads": getattr(self, "threads", 1),
+        }
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # Wake up at least once per reconcile interval so a dead worker's job is noticed fast.
+        return max(1, min(self.worker_ttl - 15, settings.AIQUEUE_RECONCILE_INTERVAL))
+
+    # --- Redis away: the loop goes on (RedisGate) ---------------------------------------------
+    def register_birth(self) -> None:
+        # At start Redis may not answer yet (started beside the worker, failing over): wait
+        # for it instead of exiting, so a process manager does not see a crash loop.
+        gate = RedisGate(self.name)
+        while not gate.call("registering", super().register_birth):
+            time.sleep(gate.seconds_to_retry())
+
+    def heartbeat(self, timeout=None, pipeline=None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)  # the caller executes (and guards) the pipeline
+            return
+        self._loop_gate.call("worker heartbeat", super().heartbeat, timeout)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        self._loop_gate.call("suspension check", super().check_for_suspension, burst)
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        self._state = state
+        self._loop_gate.call("worker state", super().set_state, state)
+
+    def _redis_back(self) -> None:
+        """Redis answers again, maybe empty (restarted without its data, wiped, failed over):
+        register this worker again and run the maintenance pass (the reconciler re-enqueues
+        what the database says is queued) at the next turn of the loop."""
+        with self.connection.pipeline() as pipe:
+            self.last_heartbeat = now()
+            pipe.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+        self.last_cleaned_at = None
+
+    def perform_job(self, job, queue) -> bool:
+        # Job boundaries are request boundaries for the database: drop connections that broke
+        # or outlived CONN_MAX_AGE, as Django does around each HTTP request.
+        close_old_connections()
+        try:
+            return super().perform_job(job, queue)
+        finally:
+            # After RQ's cleanup of this entry: a run that parked its own job scheduled its
+            # wake-up under the same id (jobs.queueing._enqueue).
+            queueing.run_held_enqueues()
+            close_old_connections()
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        retry_redis(
+            f"preparing {job.id}",
+            lambda: super(Worker, self).prepare_job_execution(job, remove_from_intermediate_queue),
+            self.name,
+        )
+
+    def handle_job_success(self, job, queue, started_job_registry) -> None:
+        """RQ's success bookkeeping, unless the entry is no longer this run's: the run was
+        superseded (its job recovered and queued again under the same RQ id, whose entry RQ
+        would delete), or Redis lost the entry (restarted or wiped while the job ran: RQ then
+        raised InvalidJobOperation "Failed to retrieve status" for a job that had succeeded).
+        The job's result is in the database either way; only this execution is cleaned up."""
+        if getattr(job, "_result", None) != runner.LOST:
+            try:
+                super().handle_job_success(job, queue, started_job_registry)
+                return
+            except InvalidJobOperation:
+                pass
+            except redis.RedisError as exc:
+                log.warning(
+                    "job %s finished; RQ's bookkeeping skipped, Redis unavailable: %s", job.id, exc
+                )
+                return
+        try:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe)
+                pipe.execute()
+        except redis.RedisError:
+            pass
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="") -> None:
+        try:
+            super().handle_job_failure(job, queue, started_job_registry, exc_string)
+        except (InvalidJobOperation, redis.RedisError) as exc:
+            log.warning("job %s: RQ's failure bookkeeping skipped: %s", job.id, exc)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        except redis.RedisError as exc:
+            log.warning(
+                "worker %s: could not register its stop, Redis unavailable: %s", self.name, exc
+            )
+
+    def run_maintenance_tasks(self) -> None:
+        if not self._loop_gate.call("maintenance", super().run_maintenance_tasks):
+            self.last_cleaned_at = now()  # next try in one maintenance interval
+        try:
+            # Runs of this host's dead worker processes come back at once; the first pass runs
+            # as the worker starts, so a restarted worker recovers its predecessor's runs.
+            reconcile.recover_dead_local()
+            reconcile.run_if_due(settings.AIQUEUE_RECONCILE_INTERVAL)
+        except Exception:
+            log.exception("reconciler pass failed; the next pass will try again")
+
+
+def retry_redis(what: str, fn: Callable[[], Any], worker_name: str, limit_s: float = 60) -> Any:
+    """`fn()`, tried again with backoff while Redis fails, for up to `limit_s` s."""
+    gate = RedisGate(worker_name)
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            result = fn()
+        except redis.RedisError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            gate.failed(what, exc)
+            time.sleep(gate.seconds_to_retry())
+            continue
+        gate.succeeded()
+        return result
+
+
+class ThreadDeathPenalty(BaseDeathPenalty):
+    """RQ's job timeout for a job in a worker thread: a timer raises the timeout exception in
+    that thread (signals only reach the main thread).
+
+    Unlike RQ's TimerDeathPenalty it is safe with many threads at once: the message lives on a
+    subclass per penalty instead of a patch of the shared exception class, and a timer that
+    fires as the job ends cannot leak its exception into whatever the thread does next (the
+    cancel disarms under a lock and clears a pending exception).
+
+    An asynchronous exception is delivered when the thread next runs Python code: a thread
+    blocked in one long socket read gets it when the read returns. Provider calls therefore
+    carry their own read timeout, below the RQ timeout (jobs.queueing.RQ_TIMEOUT_MARGIN_S).
+    """
+
+    def __init__(self, timeout, exception=JobTimeoutException, **kwargs) -> None:
+        super().__init__(timeout, exception, **kwargs)
+        self._thread_id = threading.get_ident()
+        self._lock = threading.Lock()
+        self._armed = False
+        self._fired = False
+        self._timer: threading.Timer | None = None
+        message = f"Task exceeded maximum timeout value ({timeout} seconds)"
+
+        def init(self_exc, *args) -> None:
+            exception.__init__(self_exc, message)
+
+        self._exception = type(exception.__name__, (exception,), {"__init__": init})
+
+    def setup_death_penalty(self) -> None:
+        if self._timeout <= 0:
+            return
+        with self._lock:
+            self._armed = True
+        self._timer = threading.Timer(self._timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self._armed = False
+            self._fired = True
+            _set_async_exc(self._thread_id, self._exception)
+
+    def cancel_death_penalty(self) -> None:
+        with self._lock:
+            self._armed = False
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._fired:
+                # Fired, but the job ended before the exception was delivered: drop it.
+                _set_async_exc(self._thread_id, None)
+
+
+def _set_async_exc(thread_id: int, exception: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception else None
+    )
+
+
+@dataclass
+class _InFlight:
+    job: RQJob
+    queue: Queue
+    execution: Any = None
+
+
+class ThreadPoolWorker(Worker):
+    """Runs up to `threads` jobs at once in one process, keeping RQ's guarantees per job.
+
+    - The main thread dequeues (priority order: the queue order, high → default → low) only
+      when a thread is free, so no job waits in this process's memory where a crash would
+      lose it. It also runs the maintenance pass (RQ registries, scheduler, reconciler).
+    - Each job runs in a pool thread with RQ's own bookkeeping: an execution in the queue's
+      StartedJobRegistry, the job's timeout (ThreadDeathPenalty), success/failure handling.
+      Its database connections are closed (or returned to the pool) when it ends.
+    - A monitor thread beats every AIQUEUE_HEARTBEAT_INTERVAL s: one UPDATE refreshes
+      `heartbeat_at` of every run in flight (runs.heartbeats) and one Redis pipeline refreshes
+      the worker's and every execution's RQ heartbeat.
+    - SIGTERM/SIGINT: stop dequeuing, let the jobs in flight finish for up to
+      AIQUEUE_WORKER_SHUTDOWN_GRACE s, then hand the rest back (running → queued, re-enqueued)
+      and exit. A second signal hands back at once. SIGKILL: nothing runs; the reconciler
+      notices the silent heartbeats after AIQUEUE_STALE_RUNNING_AFTER s and re-queues the
+      jobs; the fencing token keeps a late finisher from finishing twice.
+    """
+
+    death_penalty_class = ThreadDeathPenalty
+
+    def __init__(
+        self, *args, threads: int | None = None, shutdown_grace: int | None = None, **kwargs
+    ) -> None:
+        # Before RQ's __init__, which sets `self.execution` (a per-thread property here).
+        self._local = threading.local()
+        self.threads = threads or settings.AIQUEUE_WORKER_THREADS
+        self.shutdown_grace = (
+            settings.AIQUEUE_WORKER_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
+        )
+        self._slots = threading.Semaphore(self.threads)
+        self._tasks: queue_module.SimpleQueue = queue_module.SimpleQueue()
+        self._pool: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._in_flight: dict[str, _InFlight] = {}
+        self._beats = heartbeats.RunHeartbeats()
+        self._monitor_stop = threading.Event()
+        self._in_blpop = False
+        self._draining = False
+        self._cold = False
+        self._suspension_checked = -1.0
+        self._drain_checked, self._drained = -1.0, False
+        super().__init__(*args, **kwargs)
+        # Two Redis connections per job thread (jobs.queueing.allow_connections), plus the
+        # main thread's blocking pop and the monitor's beat; for RQ's client and aiqueue's.
+        for client in (self.connection, queueing.connection()):
+            queueing.allow_connections(client, 2 * self.threads + 8)
+
+    # RQ keeps "the" current execution on the worker; here there is one per thread.
+    @property
+    def execution(self):
+        return getattr(self._local, "execution", None)
+
+    @execution.setter
+    def execution(self, value) -> None:
+        self._local.execution = value
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight)
+
+    def work(self, *args, **kwargs) -> bool:
+        heartbeats.install(self._beats)
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            heartbeats.install(None)
+
+    # --- the main thread: dequeue when a thread is free -----------------------------------
+    # RQ's loop beats for the worker twice and checks for `rq suspend` once per job it hands
+    # out: five Redis round trips on the one thread that hands out every job, which competes
+    # with the job threads for the interpreter. The worker's key lives worker_ttl + 60 s and
+    # the monitor beats every AIQUEUE_HEARTBEAT_INTERVAL s, so once a second is plenty.
+    def heartbeat(self, timeout=None, pipeline=None) -> None:
+        last = getattr(self, "last_heartbeat", None)
+        if timeout is None and pipeline is None and last and (now() - last).total_seconds() < 1:
+            return
+        super().heartbeat(timeout, pipeline)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if time.monotonic() - self._suspension_checked < 1:
+            return
+        self._suspension_checked = time.monotonic()
+        super().check_for_suspension(burst)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        # Threads start here, after work() forked RQ's scheduler: forking a process that
+        # already runs threads can deadlock the child.
+        self._start_threads()
+        while not self._slots.acquire(timeout=1):
+            if self._stop_requested:
+                raise StopRequested()
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+        result = None
+        try:
+            result = self._dequeue(timeout, max_idle_time)
+            return result
+        finally:
+            if result is None:
+                self._slots.release()
+
+    def _dequeue(self, timeout, max_idle_time):
+        """RQ's dequeue loop (BaseWorker.dequeue_job_and_maintain_ttl), with the stop request
+        checked between waits and a signal allowed to interrupt only the blocking pop."""
+        self.set_state(WorkerStatus.IDLE)
+        idle_since = now()
+        while True:
+            if self._stop_requested:
+                raise StopRequested()
+            if self._loop_gate.is_down:
+                # Redis was away a moment ago: wait for the retry (stoppable), then try again.
+                self._sleep_unless_stopped(self._loop_gate.seconds_to_retry())
+                if self._stop_requested:
+                    raise StopRequested()
+            try:
+                self.heartbeat()
+                if self.should_run_maintenance_tasks:
+                    self.run_maintenance_tasks()
+                if self._stop_requested:
+                    raise StopRequested()
+                if self._drain_requested():
+                    # An operator drained this worker (jobs.drain): it takes no job, and goes on
+                    # beating and running its maintenance pass while its runs in flight finish.
+                    # In burst mode (timeout None) that is the end of the burst.
+                    if timeout is None:
+                        return None
+                    self._sleep_unless_stopped(1)
+                    continue
+                if timeout is not None and max_idle_time is not None:
+                    idle_left = max_idle_time - (now() - idle_since).total_seconds()
+                    if idle_left <= 0:
+                        return None
+                    timeout = max(1, min(timeout, math.ceil(idle_left)))
+                self._in_blpop = True
+                try:
+                    result = self.queue_class.dequeue_any(
+                        self._ordered_queues,
+                        timeout,
+                        connection=self.connection,
+                        job_class=self.job_class,
+                        serializer=self.serializer,
+                        death_penalty_class=self.death_penalty_class,
+                    )
+                finally:
+                    self._in_blpop = False
+                if result is not None:
+                    job, queue = result
+                    self.reorder_queues(reference_queue=queue)
+                    job.redis_server_version = self.get_redis_server_version()
+                    self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.id)
+                self._loop_gate.succeeded()
+                return result
+            except DequeueTimeout:
+                continue
+            except redis.RedisError as exc:
+                self._loop_gate.failed("waiting for a job", exc)
+                continue
+            self._loop_gate.succeeded()
+
+    def _drain_requested(self) -> bool:
+        if time.monotonic() - self._drain_checked >= 1:
+            self._drain_checked = time.monotonic()
+            self._drained = drain.is_requested(self.name)
+        return self._drained
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def execute_job(self, job: RQJob, queue: Queue) -> None:
+        with self._lock:
+            self._in_flight[job.id] = _InFlight(job, queue)
+        self._tasks.put((job, queue))
+
+    def _start_threads(self) -> None:
+        if self._pool:
+            return
+        for i in range(self.threads):
+            thread = threading.Thread(target=self._thread_main, name=f"job-{i}", daemon=True)
+            thread.start()
+            self._pool.append(thread)
+        threading.Thread(target=self._monitor_main, name="monitor", daemon=True).start()
+
+    # --- pool threads ---------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is None:
+                return
+            job, queue = item
+            try:
+                retry_redis(
+                    f"starting {job.id}", lambda j=job: self.prepare_execution(j), self.name
+                )
+                with self._lock:
+                    self._in_flight[job.id].execution = self.execution
+                self.perform_job(job, queue)
+            except BaseException:  # a thread must survive whatever one job does
+                log.exception("worker thread: job %s ended abnormally", job.id)
+            finally:
+                self.execution = None
+                # The job boundary: this thread's connection back to the pool, or closed if
+                # broken or too old (runs.dbconn).
+                dbconn.end_of_job()
+                with self._lock:
+                    self._in_flight.pop(job.id, None)
+                    self._changed.notify_all()
+                self._slots.release()
+
+    def _monitor_main(self) -> None:
+        interval = settings.AIQUEUE_HEARTBEAT_INTERVAL
+        # The runs' heartbeats live in the database and go on while Redis is away.
+        gate = RedisGate(self.name, on_back=self._redis_back)
+        while not self._monitor_stop.wait(interval):
+            try:
+                self._beats.beat()
+            except Exception:
+                log.exception("heartbeat of the runs in flight failed; next beat will retry")
+            finally:
+                connections.close_all()
+            try:
+                gate.call("RQ heartbeat", self._beat_rq)
+            except Exception:
+                log.exception("RQ heartbeat failed; next beat will retry")
+
+    def _beat_rq(self) -> None:
+        # Under the lock, so no beat lands after _stop_beating: a beat written after RQ deleted
+        # an execution re-creates a partial execution hash, and the next run of the same RQ id
+        # (a parked job coming back) then fails in RQ's cleanup (KeyError: b'created_at').
+        with self._lock, self.connection.pipeline() as pipe:
+            self.heartbeat(pipeline=pipe)
+            for flight in self._in_flight.values():
+                if flight.execution is None:
+                    continue
+                ttl = self.get_heartbeat_ttl(flight.job)
+                flight.execution.heartbeat(flight.job.started_job_registry, ttl, pipeline=pipe)
+            pipe.execute()
+
+    def _stop_beating(self, job: RQJob) -> None:
+        with self._lock:
+            flight = self._in_flight.get(job.id)
+            if flight is not None:
+                flight.execution = None
+
+    def handle_job_success(self, job, queue, *args, **kwargs):
+        self._stop_beating(job)  # RQ deletes the execution next
+        return super().handle_job_success(job, queue, *args, **kwargs)
+
+    def handle_job_failure(self, job, queue, *args, **kwargs):
+        self._stop_beating(job)
+        return super().handle_job_failure(job, queue, *args, **kwargs)
+
+    # --- stopping -------------------------------------------------------------------------
+    def request_stop(self, signum, frame) -> None:
+        """Warm shutdown: stop taking jobs; the jobs in flight get the grace period."""
+        self._shutdown_requested_date = now()
+        # From now on no run starts a call: it is handed back instead (runs.shutdown).
+        shutdown.begin()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        self.handle_warm_shutdown_request()
+        self._stop_requested = True
+        if self._in_blpop:
+            # Blocked on Redis waiting for a job: stop waiting (RQ does the same when idle).
+            # Never elsewhere: inside the maintenance pass the reconciler would swallow it
+            # mid-write, and after a pop the job would be lost.
+            raise StopRequested()
+
+    def request_force_stop(self, signum, frame) -> None:
+        if (now() - self._shutdown_requested_date) < timedelta(seconds=1):
+            return  # the same stop delivered twice (process group + pool), as RQ ignores it
+        self.log.warning("Worker %s: cold shut down, handing back the jobs in flight", self.name)
+        self._cold = True
+        if not self._draining:
+            raise SystemExit()
+
+    def teardown(self) -> None:
+        self._drain()
+        for _ in self._pool:
+            self._tasks.put(None)
+        self._monitor_stop.set()  # no beat may re-add an execution the hand-back dropped
+        handed_back = self._hand_back()
+        super().teardown()
+        if handed_back:
+            # Threads still inside a hand-back run must not write after it: leave now.
+            logging.shutdown()
+            os._exit(0)
+
+    def _drain(self) -> None:
+        self._draining = True
+        started = time.monotonic()
+        with self._lock:
+            while self._in_flight and not self._cold:
+                if self._stop_requested and time.monotonic() - started >= self.shutdown_grace:
+                    break
+                self._changed.wait(timeout=0.2)
+
+    def _hand_back(self) -> int:
+        """Send the runs still in flight back to the queue (running → queued + enqueue)."""
+        runs = self._beats.snapshot()
+        if not runs:
+            return 0
+        count = 0
+        try:
+            for job in Job.objects.filter(
+                run_token__in=list(runs), status=Job.Status.RUNNING
+            ).select_related("workload"):
+                if services.do_recover_stale_run(
+                    job,
+                    reason=shutdown.HANDED_BACK,
+                    lost_calls="its worker stopped before the call ended",
+                ):
+                    count += 1
+        except Exception:
+            log.exception("hand-back failed; the reconciler will recover these runs")
+        finally:
+            connections.close_all()
+        log.warning("worker %s: handed back %d run(s) still in flight", self.name, count)
+        return count or len(runs)
+
+
+def build_worker(
+    *, name: str | None = None, threads: int | None = None
+) -> Worker | ThreadPoolWorker:
+    """A ThreadPoolWorker with `threads` threads; the one-job-at-a-time Worker for None or 1
+    (what the test suite runs in-process). `manage.py worker` passes AIQUEUE_WORKER_THREADS."""
+    queues = [queueing.queue(q) for q in settings.RQ_QUEUE_NAMES]
+    if threads is None or threads <= 1:
+        return Worker(queues, connection=queues[0].connection, name=name)
+    return ThreadPoolWorker(queues, connection=queues[0].connection, name=name, threads=threads)

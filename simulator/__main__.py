@@ -1,0 +1,5 @@
+import sys
+
+from simulator.server import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Webhooks end to end: a receiver on localhost, the real worker running the jobs, the webhook
+worker delivering on its own queue; signatures, retries with their log, the admin's re-send."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.core.management import call_command
+
+from jobs import services, webhooks
+from jobs.models import Job, Webhook, WebhookDelivery
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records each POST and answers with `statuses` in turn
+    (then 200)."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.received: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append({"headers": dict(self.headers), "body": body})
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    made: list[Receiver] = []
+
+    def make(statuses: list[int] | None = None) -> Receiver:
+        made.append(Receiver(statuses))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+@pytest.fixture
+def hook_for(settings, user):
+    settings.AIQUEUE_WEBHOOK_RETRY_DELAYS = [0, 0]  # retried at once: no waiting in a test
+
+    def make(url: str) -> tuple[Webhook, str]:
+        hook = Webhook(name="ci", url=url, user=user)
+        secret = hook.set_new_secret()
+        hook.save()
+        webhooks.forget_cache()
+        return hook, secret
+
+    yield make
+    webhooks.forget_cache()
+
+
+def deliver_all() -> None:
+    call_command("webhook_worker", "--burst")
+
+
+def verify(secret: str, headers: dict, body: bytes) -> bool:
+    """What a receiver does (docs/deploy.md)."""
+    fields = dict(part.split("=", 1) for part in headers["Aiqueue-Signature"].split(","))
+    expected = hmac.new(secret.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256)
+    return hmac.compare_digest(expected.hexdigest(), fields["v1"])
+
+
+def test_a_receiver_gets_every_terminal_event_once_signed(
+    redis_conn, workload, user, run_worker, receiver, hook_for, simulator
+):
+    target = receiver()
+    _, secret = hook_for(target.url)
+    done = services.do_submit_job(workload=workload, input_text="A note to sum up.", user=user)[0]
+    cancelled = services.do_submit_job(workload=workload, input_text="Never mind.", user=user)[0]
+    services.do_cancel_job(cancelled, actor=user)
+    run_worker()
+    deliver_all()
+    events = sorted(
+        (json.loads(r["body"])["event"], json.loads(r["body"])["job"]["code"])
+        for r in target.received
+    )
+    assert events == sorted(
+        [("job.succeeded", str(done.code)), ("job.cancelled", str(cancelled.code))]
+    )
+    for request in target.received:
+        assert verify(secret, request["headers"], request["body"])
+        assert not verify("another secret", request["headers"], request["body"])
+    succeeded = next(json.loads(r["body"]) for r in target.received if b"succeeded" in r["body"])
+    assert succeeded["job"]["output"] == Job.objects.get(pk=done.pk).output_text
+    assert set(WebhookDelivery.objects.values_list("status", flat=True)) == {"delivered"}
+
+
+def test_a_failing_receiver_is_retried_and_each_attempt_logged(
+    redis_conn, workload, user, receiver, hook_for
+):
+    target = receiver([500, 503])  # then 200
+    hook_for(target.url)
+    job = services.do_submit_job(workload=workload, input_text="x", user=user)[0]
+    services.do_cancel_job(job, actor=user)
+    deliver_all()
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.status == "delivered"
+    assert [entry["status_code"] for entry in delivery.log] == [500, 503, 200]
+    # Every attempt sent the same event under the same delivery id.
+    assert len({r["headers"]["Aiqueue-Delivery"] for r in target.received}) == 1
+    assert len({r["body"] for r in target.received}) == 1
+
+
+def test_a_receiver_that_keeps_failing_is_given_up_on_then_sent_again_from_the_admin(
+    redis_conn, workload, user, operator, receiver, hook_for, client
+):
+    target = receiver([500, 500, 500])
+    hook_for(target.url)
+    job = services.do_submit_job(workload=workload, input_text="x", user=user)[0]
+    services.do_cancel_job(job, actor=user)
+    deliver_all()
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("failed", 3, 500)
+    operator.is_superuser = operator.is_staff = True
+    operator.save()
+    client.force_login(operator)
+    response = client.post(
+        "/admin/jobs/webhookdelivery/",
+        {"action": "deliver_again", "_selected_action": [delivery.pk], "index": 0},
+    )
+    assert response.status_code == 302
+    deliver_all()
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == ("delivered", 4)
+    assert len(target.received) == 4
+
+
+def test_a_dead_receiver_never_holds_up_the_job(redis_conn, workload, user, run_worker, hook_for):
+    hook_for("http://127.0.0.1:9/nobody")  # the discard port: nothing listens
+    job = services.do_submit_job(workload=workload, input_text="A note.", user=user)[0]
+    run_worker()  # the job worker does not deliver: it only records and enqueues
+    job.refresh_from_db()
+    assert job.status == "succeeded"
+    assert WebhookDelivery.objects.get().attempts == 0
+
+
+def test_a_webhook_url_must_be_http_or_https(db):
+    from django.core.exceptions import ValidationError
+
+    for url in ("file:///etc/passwd", "gopher://127.0.0.1/", "ftp://example.com/x"):
+        with pytest.raises(ValidationError):
+            Webhook(name="x", url=url, secret="s").full_clean()
+    Webhook(name="x", url="https://example.com/hook", secret="s").full_clean()
+
+
+def test_the_secret_is_shown_once_on_creation(operator, client, db):
+    operator.is_superuser = operator.is_staff = True
+    operator.save()
+    client.force_login(operator)
+    response = client.post(
+        "/admin/jobs/webhook/add/",
+        {"name": "crm", "url": "https://example.com/hook", "is_active": "on"},
+    )
+    hook = Webhook.objects.get()
+    assert hook.secret in response.content.decode()
+    assert "no-store" in response["Cache-Control"]
+    page = client.get(f"/admin/jobs/webhook/{hook.pk}/change/").content.decode()
+    assert hook.secret not in page
+
+
+def test_a_batch_that_ends_is_told_too(redis_conn, workload, user, receiver, hook_for):
+    from batches import services as batch_services
+
+    target = receiver()
+    hook_for(target.url)
+    batch = batch_services.do_create_batch(
+        workload=workload, filename="x.jsonl", data=b'{"input": "x"}', user=user
+    )
+    batch_services.do_start_batch(batch)
+    batch_services.do_cancel_batch(batch, actor=user)
+    deliver_all()
+    events = sorted(json.loads(r["body"])["event"] for r in target.received)
+    assert events == ["batch.cancelled", "job.cancelled"]
+    told = next(json.loads(r["body"]) for r in target.received if b"batch.cancelled" in r["body"])
+    assert told["batch"]["code"] == str(batch.code)
