@@ -316,8 +316,23 @@ def communicator(path: str, cookie: bytes | None = None, origin: bytes = WS_ORIG
     return WebsocketCommunicator(application, path, headers=headers)
 
 
-def run(coroutine_function) -> None:
-    async_to_sync(coroutine_function)()
+def run(coroutine_function):
+    """Run an async scenario on a new event loop with a channel layer of its own, and return
+    what it returns.
+
+    channels-redis keeps per-loop state on the layer object (the receive lock, bound to the
+    first loop that waits on it, and the loop's connection pools). async_to_sync makes a new
+    loop per call, so a layer shared with an earlier test's loop could fail this test's
+    receive with "Lock ... is bound to a different event loop" (seen once in CI, depending on
+    which tests ran before). A fresh layer per scenario shares nothing between tests.
+    """
+    from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+
+    channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)
+    try:
+        return async_to_sync(coroutine_function)()
+    finally:
+        channel_layers.backends.pop(DEFAULT_CHANNEL_LAYER, None)
 
 
 def make_probe_due(provider: Provider) -> None:

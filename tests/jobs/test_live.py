@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission, User
@@ -250,7 +249,7 @@ def test_stream_publishes_first_chunk_then_at_most_every_interval_and_always_the
         await comm.disconnect()
         return received
 
-    received = async_to_sync(scenario)()
+    received = run(scenario)
     # At t = 0, 0.1, 0.2 (chunks 0, 10, 20), then the final state at close.
     assert stream.published == len(received) == 4
     assert started == [1]
@@ -306,7 +305,7 @@ def test_worker_publishes_every_stage_of_a_streamed_run(
         await comm.disconnect()
         return received
 
-    received = async_to_sync(scenario)()
+    received = run(scenario)
     job.refresh_from_db()
     assert job.status == "succeeded"
     stages = [
