@@ -26,6 +26,7 @@ urlpatterns = [
     path("jobs/", include("jobs.urls")),
     path("batches/", include("batches.urls")),
     path("operator/workers/", include("ops.fleet_views")),
+    path("operator/spend/", ops_views.spend, name="spend"),
     path("operator/", include("ops.operator_views")),
     path("metrics", metrics.metrics_view, name="metrics"),
     path("healthz", health.healthz, name="healthz"),

@@ -64,6 +64,7 @@ def api_auth(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     @csrf_exempt
     @wraps(view)
     def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        request.api_token = None  # the ApiToken a Bearer request came with
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             try:
@@ -79,6 +80,7 @@ def api_auth(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
                 # Not a write per request: a burst of submissions would queue behind it.
                 ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
             request.user = token.user
+            request.api_token = token
         elif request.user.is_authenticated:
             try:  # the check reads a form-encoded body
                 rejected = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
@@ -163,6 +165,7 @@ def submit(request: HttpRequest) -> HttpResponse:
             input_text=input_text,
             input_data=input_data,
             user=request.user,
+            api_token=request.api_token,
             priority=priority,
             idempotency_key=key,
             deadline=deadline,
@@ -310,6 +313,7 @@ def replay(request: HttpRequest, code: uuid.UUID) -> HttpResponse:
         lambda: services.do_resubmit_job(
             job,
             user=request.user,
+            api_token=request.api_token,
             idempotency_key=key,
             priority=priority,
             deadline=deadline,

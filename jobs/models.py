@@ -501,6 +501,11 @@ class Job(models.Model):
     replay_of = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
     )
+    # The API token it came in with (None from the pages, a session's API call, batches):
+    # what ops.spend sums per token.
+    api_token = models.ForeignKey(
+        "ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
 
     # Fencing token for the current run: a worker that lost its run (presumed dead, job
     # recovered and started elsewhere) cannot finish the job because its token no longer matches.

@@ -24,7 +24,7 @@ from django.utils import timezone
 from jobs import inputs, ledger, live, processes, queueing, replay
 from jobs.documents import Document
 from jobs.flow import backpressure, budgets, retry_budget
-from jobs.models import Budget, Job, JobEvent, Priority, Provider, Workload
+from jobs.models import ApiToken, Budget, Job, JobEvent, Priority, Provider, Workload
 from jobs.signals import job_settled, job_stopped
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ def do_submit_job(
     deadline: datetime | None = None,
     start_at: datetime | None = None,
     replay_of: Job | None = None,
+    api_token: ApiToken | None = None,
 ) -> tuple[Job, bool]:
     """Persist a job and enqueue it once the row is committed.
 
@@ -245,6 +246,7 @@ def do_submit_job(
         parent=parent,
         chunk_index=chunk_index,
         replay_of=replay_of,
+        api_token=api_token,
         deadline=deadline,
         # The prompt template it will run with (jobs.kinds records a newer one at run time).
         template_version=workload.template_version,
@@ -319,6 +321,7 @@ def do_resubmit_job(
     priority: str = "",
     deadline: datetime | None = None,
     start_at: datetime | None = None,
+    api_token: ApiToken | None = None,
 ) -> tuple[Job, bool]:
     """A new job with `job`'s workload and input (its named fields too), linked to it by
     `replay_of`; it is a submission like any other (idempotency key, backpressure, budgets,
@@ -335,6 +338,7 @@ def do_resubmit_job(
         deadline=deadline,
         start_at=start_at,
         replay_of=job,
+        api_token=api_token,
     )
 
 

@@ -168,6 +168,7 @@ RULES: dict[str, Callable[[str], Rule]] = {
     },
     "operator/workers/": method(GET, operator_control),
     "operator/workers/drain/": method(POST, operator_control),
+    "operator/spend/": method(GET, operator_control),
     "metrics": get_only(metrics),
     "healthz": get_only(everyone),
     "readyz": get_only(everyone),
