@@ -163,5 +163,5 @@ def _charge(job: Job, amount: Decimal) -> None:
     # No transaction of its own (a write lock on SQLite for every call): budgets.settle opens
     # one only when a budget counts the call.
     Job.objects.filter(pk=job.pk).update(cost_actual=F("cost_actual") + amount)
-    budgets.settle(job.pk, job.workload_id, amount)
+    budgets.settle(job, amount)
     job.cost_actual = (job.cost_actual or Decimal(0)) + amount

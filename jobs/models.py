@@ -769,7 +769,9 @@ def nanos_to_usd(nanos: int) -> Decimal:
 
 
 class Budget(models.Model):
-    """A spending cap for one period, global (no workload) or for one workload.
+    """A spending cap for one period. Its scope narrows which jobs count against it: a
+    workload, a submitter, an API token, a model, any of them together (a job counts when it
+    matches every one that is set), or none (global).
 
     The amounts are integer billionths of a USD so that the conditional update that admits a
     job (`spent + reserved + x <= cap`, see jobs.flow.budgets) is exact on every database;
@@ -791,7 +793,30 @@ class Budget(models.Model):
         null=True,
         blank=True,
         related_name="budgets",
-        help_text="Empty: a global budget that every job counts against.",
+        help_text="Empty: jobs of every workload count (with the other scopes empty: a global "
+        "budget that every job counts against).",
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+        help_text="Only this submitter's jobs (pages, API and batches alike).",
+    )
+    api_token = models.ForeignKey(
+        "ApiToken",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="budgets",
+        help_text="Only jobs submitted through the API with this token.",
+    )
+    model = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Only jobs sent to this model first (the workload's, or a retry's "
+        "override); their fallback calls count too.",
     )
     period = models.CharField(max_length=10, choices=Period.choices, default=Period.MONTH)
     cap_usd = models.DecimalField(
@@ -809,6 +834,9 @@ class Budget(models.Model):
     spent_nanos = models.BigIntegerField(default=0, editable=False)
     reserved_nanos = models.BigIntegerField(default=0, editable=False)
     period_start = models.DateTimeField(default=timezone.now, editable=False)
+    # When its use last reached the alert threshold (jobs.flow.budgets.claim_alert): once per
+    # period, so an alert sent before `period_start` leaves the new period free to alert.
+    alerted_at = models.DateTimeField(null=True, blank=True, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -834,6 +862,20 @@ class Budget(models.Model):
                 if not f.primary_key and f.attname not in {"spent_nanos", "reserved_nanos"}
             ]
         super().save(*args, **kwargs)
+
+    @property
+    def scope_text(self) -> str:
+        """What the budget counts, as the admin and the dashboard show it."""
+        parts = []
+        if self.workload_id:
+            parts.append(f"workload {self.workload.name}")
+        if self.user_id:
+            parts.append(f"user {self.user.get_username()}")
+        if self.api_token_id:
+            parts.append(f"token {self.api_token.name}")
+        if self.model:
+            parts.append(f"model {self.model}")
+        return ", ".join(parts) or "global"
 
     @property
     def spent_usd(self) -> Decimal:

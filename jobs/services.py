@@ -759,7 +759,7 @@ def do_try_release(
 ) -> tuple[bool, Budget | None]:
     """Resume one held job if its reservation on its budgets (`on`, else its own) fits now.
     Returns (released, the budget that could not take it)."""
-    job_budgets = budgets.budgets_for(job.workload) if on is None else on
+    job_budgets = budgets.budgets_for(job) if on is None else on
     try:
         cost = budgets.estimate_for(job)
     except budgets.CannotEstimate:
@@ -794,7 +794,7 @@ def do_release_held(limit: int = budgets.RELEASE_HELD_BATCH) -> int:
     blocked: set[int] = set()
     resumed = 0
     for job in held[:limit]:
-        job_budgets = budgets.budgets_for(job.workload)
+        job_budgets = budgets.budgets_for(job)
         if blocked.intersection(b.pk for b in job_budgets):
             continue
         released, full = do_try_release(

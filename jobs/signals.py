@@ -11,6 +11,10 @@ Both carry `status`, the status the transition moved the job to.
   (cancelled, expired). The review inbox withdraws the job's open items (review.services).
 
 Webhooks (jobs.webhooks) hear both.
+
+- `budget_alert(budget_id=...)`: a budget's use (spent + reserved) reached its alert
+  threshold, for the first time this period (jobs.flow.budgets claims it once, sent on commit).
+  jobs.budget_alerts e-mails the operators and tells the webhooks.
 """
 
 from __future__ import annotations
@@ -19,3 +23,4 @@ from django.dispatch import Signal
 
 job_settled = Signal()
 job_stopped = Signal()
+budget_alert = Signal()

@@ -1,8 +1,9 @@
-"""Webhooks: a signed POST to an operator's address when a job ends or goes to review, or a
-batch ends. Each event is a WebhookDelivery row (the log), delivered by an RQ job on its own
-queue (QUEUE, served by `manage.py webhook_worker`), never in a worker's job thread: a slow or
-dead receiver delays nobody's run. A failed attempt is retried after AIQUEUE_WEBHOOK_RETRY_DELAYS
-(backoff with jitter); after the last it is left failed, and the admin can deliver it again.
+"""Webhooks: a signed POST to an operator's address when a job ends or goes to review, a
+batch ends, or a budget reaches its alert threshold (jobs.budget_alerts). Each event is a
+WebhookDelivery row (the log), delivered by an RQ job on its own queue (QUEUE, served by
+`manage.py webhook_worker`), never in a worker's job thread: a slow or dead receiver delays
+nobody's run. A failed attempt is retried after AIQUEUE_WEBHOOK_RETRY_DELAYS (backoff with
+jitter); after the last it is left failed, and the admin can deliver it again.
 
 Signature: header `Aiqueue-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
 keyed by the webhook's secret, made afresh for each attempt. A receiver recomputes it, compares
@@ -95,7 +96,7 @@ def job_event(job: Job, status: str) -> None:
             return
         fresh = Job.objects.select_related("workload", "batch", "replay_of").get(pk=job.pk)
         data = {"job": job_json(fresh, settings.AIQUEUE_BASE_URL.rstrip("/"))}
-        _record(hooks, event, data, job=fresh)
+        record(hooks, event, data, job=fresh)
     except Exception:
         log.exception("webhooks: could not record %s for job %s", event, job.code)
 
@@ -105,12 +106,13 @@ def batch_event(batch, event: str, batch_data: Callable[[], dict]) -> None:
     `batch_data` builds its JSON (batches.api.batch_json), only if a webhook follows it."""
     try:
         if hooks := following(batch.created_by_id, batch.workload_id):
-            _record(hooks, event, {"batch": batch_data()}, batch=batch)
+            record(hooks, event, {"batch": batch_data()}, batch=batch)
     except Exception:
         log.exception("webhooks: could not record %s for batch %s", event, batch.code)
 
 
-def _record(hooks: list[Webhook], event: str, data: dict, **about) -> None:
+def record(hooks: list[Webhook], event: str, data: dict, **about) -> None:
+    """One delivery row per webhook (the log: recorded even if Redis is away), then enqueued."""
     for hook in hooks:
         delivery = WebhookDelivery(webhook=hook, event=event, **about)
         body = {

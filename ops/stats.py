@@ -414,7 +414,7 @@ def budget_rows() -> list[Budget]:
     """Every budget, global ones first, with its live counters (spent, reserved, cap for the
     current period; jobs.flow.budgets keeps them exact)."""
     return list(
-        Budget.objects.select_related("workload").order_by(
+        Budget.objects.select_related("workload", "user", "api_token").order_by(
             F("workload__name").asc(nulls_first=True), "name"
         )
     )

@@ -317,7 +317,7 @@ def do_retry(
 def _check_budgetable(job: Job, overrides: dict[str, Any]) -> None:
     """A retry on a model without a price cannot be reserved on the job's budgets: refuse it
     rather than let the call go unbudgeted."""
-    if not budgets.budgets_for(job.workload):
+    if not budgets.budgets_for(job, overrides):
         return
     provider, model = budgets.chosen_target(job.workload, overrides)
     if provider.price_for(model) is None:

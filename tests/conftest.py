@@ -19,7 +19,7 @@ from runs import dbconn
 from runs import worker as worker_module
 from runs.worker import build_worker
 from tests import factories
-from tests.helpers import run_on_commit_callbacks, start_process
+from tests.helpers import Receiver, run_on_commit_callbacks, start_process
 
 REVIEW_LABELS = ["spam", "ham"]
 
@@ -242,3 +242,17 @@ def touchy(workload):
     provider.breaker_probe_successes = 1
     provider.save()
     return provider
+
+
+@pytest.fixture
+def receiver():
+    """make(statuses) -> a Receiver (tests.helpers) on localhost, closed after the test."""
+    made: list[Receiver] = []
+
+    def make(statuses: list[int] | None = None) -> Receiver:
+        made.append(Receiver(statuses))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()

@@ -32,6 +32,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import F, Q, Sum
+from django.db.models.lookups import GreaterThanOrEqual
 from django.utils import timezone
 
 from jobs import costs, documents, kinds
@@ -48,6 +49,7 @@ from jobs.models import (
     period_start_for,
     usd_to_nanos,
 )
+from jobs.signals import budget_alert
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +240,28 @@ def roll_periods(now: datetime | None = None) -> list[int]:
 # --- reserve, settle, release ---------------------------------------------------------------
 
 
-def budgets_for(workload: Workload | int) -> list[Budget]:
-    """The budgets a job of this workload (or workload id) counts against: every global one,
-    and its own."""
+def budgets_for(job: Job, overrides: dict[str, Any] | None = None) -> list[Budget]:
+    """The budgets `job` counts against: each whose every scope that is set matches it (its
+    workload, submitter, API token, and the model its calls go to first: `overrides`, as a
+    retry would run, else the job's own), so every global one too.
+
+    Reserve, top up, settle and release all ask here, so a job's money moves on one set."""
     # In creation order: the default ordering (by workload name) would join jobs_workload.
-    return list(
-        Budget.objects.filter(Q(workload__isnull=True) | Q(workload=workload)).order_by("pk")
-    )
+    candidates = Budget.objects.filter(
+        Q(workload__isnull=True) | Q(workload=job.workload_id),
+        Q(user__isnull=True) | Q(user=job.submitted_by_id),
+        Q(api_token__isnull=True) | Q(api_token=job.api_token_id),
+    ).order_by("pk")
+    found = list(candidates)
+    if not any(budget.model for budget in found):
+        return found
+    model = first_model(job, job.overrides if overrides is None else overrides)
+    return [budget for budget in found if not budget.model or budget.model == model]
+
+
+def first_model(job: Job, overrides: dict[str, Any] | None = None) -> str:
+    """The model a job's calls go to first (chosen_target's, without reading the provider)."""
+    return (overrides or {}).get("model") or job.workload.model
 
 
 class _Exhausted(Exception):
@@ -279,6 +296,7 @@ def reserve(job: Job, nanos: int, budgets: list[Budget]) -> Budget | None:
                     BudgetReservation.objects.filter(pk=current.pk).update(amount_nanos=nanos)
                 else:
                     BudgetReservation.objects.create(budget=budget, job=job, amount_nanos=nanos)
+                claim_alert(budget.pk)
             Job.objects.filter(pk=job.pk).update(cost_reserved=nanos_to_usd(nanos))
     except _Exhausted as exc:
         return exc.budget
@@ -301,7 +319,7 @@ def reserve_for(job: Job) -> Budget | None:
     """Reserve the job's worst-case cost on every budget that applies to it (inside the
     transaction that admits it). Returns the budget that is exhausted, or None.
     Raises CannotEstimate when a budget applies but the model has no price."""
-    applicable = budgets_for(job.workload)
+    applicable = budgets_for(job)
     if not applicable:
         return None
     return reserve(job, estimate_for(job).nanos, applicable)
@@ -316,7 +334,7 @@ def top_up(job: Job, *, min_tokens_in: int = 0) -> Budget | None:
     Reserving one call at submit and topping up before each further paid call keeps the
     guarantee per call: spent + reserved never passes a cap, however many calls a job makes.
     """
-    applicable = budgets_for(job.workload)
+    applicable = budgets_for(job)
     if not applicable:
         return None
     try:
@@ -364,14 +382,15 @@ def seconds_until_renewal(budget: Budget) -> int:
     )
 
 
-def settle(job_id: int, workload_id: int, cost: Decimal) -> None:
+def settle(job: Job, cost: Decimal) -> None:
     """One call's actual cost: spent += cost on each budget that applies, and the job's
     reservation on it shrinks by as much as it still holds. Called by jobs.ledger when a
     call's row is settled (a negative cost corrects an earlier charge down)."""
     nanos = usd_to_nanos(cost)
     if nanos == 0:
         return
-    budgets = budgets_for(workload_id)
+    job_id = job.pk
+    budgets = budgets_for(job)
     if not budgets:
         return  # no transaction (on SQLite a write lock) for a call no budget counts
     if nanos < 0:
@@ -398,22 +417,26 @@ def settle(job_id: int, workload_id: int, cost: Decimal) -> None:
                 spent_nanos=F("spent_nanos") + nanos,
                 reserved_nanos=F("reserved_nanos") - moved,
             )
-            _alert_if_crossed(budget, nanos - moved)
+            if nanos > moved:  # use grew (a call dearer than what it held)
+                claim_alert(budget.pk)
 
 
-def _alert_if_crossed(budget: Budget, added: int) -> None:
-    fresh = Budget.objects.filter(pk=budget.pk).first()
-    if fresh is None or fresh.cap_nanos <= 0:
-        return
-    threshold = fresh.alert_threshold * fresh.cap_nanos
-    used = fresh.spent_nanos + fresh.reserved_nanos
-    if used >= threshold > used - added:
-        log.warning(
-            "budget %s crossed its alert threshold: %s of %s USD used",
-            fresh.name,
-            nanos_to_usd(used),
-            fresh.cap_usd,
-        )
+def claim_alert(budget_id: int) -> bool:
+    """If the budget's use (spent + reserved) has reached its alert threshold and no alert
+    went out this period, mark it alerted and send `budget_alert` once the transaction
+    commits. One conditional UPDATE: of processes crossing the line at once, one alerts.
+    Called where use grows: a reservation (submit, release, top-up) and a settled call."""
+    used = F("spent_nanos") + F("reserved_nanos")
+    claimed = (
+        Budget.objects.filter(pk=budget_id, cap_nanos__gt=0)
+        .filter(Q(alerted_at__isnull=True) | Q(alerted_at__lt=F("period_start")))
+        .filter(GreaterThanOrEqual(used, F("cap_nanos") * F("alert_threshold")))
+        .update(alerted_at=timezone.now())
+    )
+    if claimed:
+        log.warning("budget %s reached its alert threshold", budget_id)
+        transaction.on_commit(lambda: budget_alert.send(sender=Budget, budget_id=budget_id))
+    return bool(claimed)
 
 
 def release(job: Job | int) -> int:
