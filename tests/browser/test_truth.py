@@ -236,7 +236,7 @@ def test_the_nav_stays_on_one_line_at_390_px(live_app, browser, db):
         tops = page.locator(".topbar nav a").evaluate_all(
             "links => links.map(link => link.getBoundingClientRect().top)"
         )
-        assert len(tops) == 7  # Dashboard, Jobs, New job, Batches, Workers, Review, Admin
+        assert len(tops) == 8  # Dashboard, Jobs, New job, Batches, Workers, Spend, Review, Admin
         assert len(set(tops)) == 1, tops
         brand = page.locator(".topbar .brand").bounding_box()
         logout = page.locator(".topbar .logout").bounding_box()
