@@ -48,6 +48,13 @@ class Simulator:
             self.control(**config)
 
 
+def pytest_configure(config) -> None:
+    # Before any test hashes a password (tests/hashers.py: ~0.3 s of CPU per stock hash).
+    from django.conf import settings
+
+    settings.PASSWORD_HASHERS = ["tests.hashers.OneIterationPBKDF2PasswordHasher"]
+
+
 # The longest groups of tests, each kept on one xdist worker (`--dist loadgroup`, see ./test):
 # fault tests each start a whole ./run, and browser tests share one chromium per worker.
 XDIST_GROUPS = ("faults", "browser")
