@@ -18,6 +18,8 @@ import pytest
 
 from aiqueue.redis_server import free_port
 
+pytestmark = pytest.mark.own_database
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 NOT_PACKAGED = {"tests", "bench", "build"}
 SCRATCH = (".git", ".venv", "var", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")

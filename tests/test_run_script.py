@@ -24,6 +24,8 @@ import pytest
 from aiqueue.redis_server import free_port
 from tests.helpers import BASE_DIR, RUN_ADMIN_PASSWORD, copy_app, run_env, wait_for_url
 
+pytestmark = pytest.mark.own_database
+
 PASSWORD = RUN_ADMIN_PASSWORD
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from bench import scaleout
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.own_database]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("AIQUEUE_SCALEOUT_POSTGRES", scaleout.POSTGRES)

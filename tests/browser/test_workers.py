@@ -15,7 +15,7 @@ from tests.faults.conftest import app_factory  # noqa: F401  (the fixture)
 from tests.helpers import wait_for
 from tests.test_run_script import PASSWORD
 
-pytestmark = [pytest.mark.browser, pytest.mark.faults]
+pytestmark = [pytest.mark.browser, pytest.mark.faults, pytest.mark.own_database]
 
 
 def test_a_killed_worker_shows_as_gone_and_its_restart_appears(app_factory, page):  # noqa: F811

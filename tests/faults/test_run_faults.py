@@ -17,7 +17,7 @@ import pytest
 from aiqueue import redis_server
 from tests.helpers import wait_for
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.own_database]
 
 
 def succeeded_once(app, codes: list[str]) -> None:
