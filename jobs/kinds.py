@@ -9,10 +9,17 @@ the answer as a `Verdict` (runs.outcomes acts on it: finish, repair, escalate):
 |           |                                           | the first token's logprob               |
 | extract   | the workload's JSON Schema as the         | JSON that validates (jsonschema); one   |
 |           | response format                           | repair call with the validation error   |
-| summarize | streamed free text, length instructions   | free text within min/max characters;    |
-| generate  |                                           | optional self-rated "Confidence: 0.8"   |
+| summarize | streamed free text, length instructions   | free text within min/max characters     |
+| generate  |                                           |                                         |
 | document  | map: one call per chunk (child jobs);     | like summarize (runs/mapreduce.py)     |
 |           | reduce: one call over the chunk results   |                                         |
+
+Confidence, for the review rule "confidence below" (`confidence_from`, the workload's
+`confidence_source`): classify from its label token's probability; summarize, generate and
+extract from the answer's token logprobs (the geometric mean of its tokens' probabilities)
+where the provider gives them (OpenAI-compatible), else summarize and generate self-rate (a
+last line "Confidence: 0.8", asked for and stripped) and extract reads a top-level "confidence"
+of its JSON answer if its schema asks for one. Documents have none.
 
 Model output is untrusted: it is parsed, never executed, and stored as data.
 """
@@ -28,8 +35,8 @@ import jsonschema
 from jsonschema.exceptions import best_match
 
 from jobs import inputs
-from jobs.models import Job, Workload
-from jobs.providers.base import Completion, CompletionRequest
+from jobs.models import Job, Provider, Workload
+from jobs.providers.base import Completion, CompletionRequest, structured_confidence
 
 Kind = Workload.Kind
 TEXT_KINDS = frozenset({Kind.SUMMARIZE, Kind.GENERATE, Kind.DOCUMENT})
@@ -113,6 +120,27 @@ def named_input(workload: Workload, values: dict[str, str]) -> tuple[str, dict[s
     return render_input_text(data), data
 
 
+SELF_RATED_KINDS = frozenset({Kind.SUMMARIZE, Kind.GENERATE})
+
+
+def confidence_from(workload: Workload) -> str:
+    """Where a job's confidence comes from: "logprobs", "self_rated" or "" (none)."""
+    source = workload.confidence_source
+    Source = Workload.ConfidenceSource
+    if source == Source.OFF or workload.kind == Kind.DOCUMENT:
+        return ""
+    # Judging a reviewer's text (review.validation) may need no provider at all.
+    provider = workload.provider if workload.provider_id else None
+    gives_logprobs = provider is None or provider.kind != Provider.Kind.ANTHROPIC
+    if workload.kind == Kind.CLASSIFY or source == Source.LOGPROBS:
+        return "logprobs" if gives_logprobs else ""
+    if source == Source.AUTO and gives_logprobs:
+        return "logprobs"
+    # Self-rated, chosen or for want of logprobs. An extract answer is JSON: it rates itself
+    # only through its schema (a top-level "confidence", read by parse_json).
+    return "self_rated"
+
+
 def system_prompt_for(workload: Workload) -> str:
     system = workload.system_prompt
     if workload.kind == Kind.CLASSIFY:
@@ -130,7 +158,7 @@ def system_prompt_for(workload: Workload) -> str:
             limits.append(f"at least {workload.min_output_chars} characters")
         if limits:
             system += f"\nAnswer in {' and '.join(limits)}."
-        if workload.self_rated_confidence and workload.kind != Kind.DOCUMENT:
+        if workload.kind in SELF_RATED_KINDS and confidence_from(workload) == "self_rated":
             system += (
                 "\nOn a last line of its own, rate your confidence in the answer as "
                 "'Confidence: <number between 0 and 1>'."
@@ -156,6 +184,7 @@ def build_request(job: Job) -> CompletionRequest:
         max_output_tokens=workload.max_output_tokens,
         temperature=workload.temperature,
     )
+    request.logprobs = confidence_from(workload) == "logprobs"
     if workload.kind == Kind.CLASSIFY:
         request.labels = list(workload.labels or [])
     elif workload.kind == Kind.EXTRACT:
@@ -179,6 +208,11 @@ def parse(workload: Workload, completion: Completion) -> Verdict:
         verdict = parse_labels(workload, completion)
     elif workload.kind == Kind.EXTRACT:
         verdict = parse_json(workload, completion.text)
+        source = confidence_from(workload) if verdict.ok else ""  # none for what is not it
+        if source == "logprobs":
+            verdict.confidence = completion.confidence
+        elif source == "self_rated":
+            verdict.confidence = structured_confidence(completion.text)
     else:
         verdict = parse_text(workload, completion)
     threshold = workload.confidence_threshold
@@ -247,8 +281,9 @@ def parse_json(workload: Workload, text: str) -> Verdict:
 
 def parse_text(workload: Workload, completion: Completion) -> Verdict:
     text = completion.text.strip()
-    confidence = None
-    if workload.self_rated_confidence:
+    source = confidence_from(workload)
+    confidence = completion.confidence if source == "logprobs" else None
+    if source == "self_rated":
         match = CONFIDENCE_LINE_RE.search(text)
         if match:
             value = float(match.group(1))

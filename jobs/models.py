@@ -295,9 +295,19 @@ class Workload(models.Model):
     max_output_chars = models.PositiveIntegerField(
         null=True, blank=True, help_text="Summarize/generate/document: longer output is invalid."
     )
-    self_rated_confidence = models.BooleanField(
-        default=False,
-        help_text="Summarize/generate: ask the model to end with 'Confidence: 0..1'.",
+
+    class ConfidenceSource(models.TextChoices):
+        AUTO = "auto", "Automatic: logprobs where the provider gives them, else self-rated"
+        LOGPROBS = "logprobs", "Token logprobs (OpenAI-compatible providers)"
+        SELF_RATED = "self_rated", "Self-rated: the model ends with 'Confidence: 0..1'"
+        OFF = "off", "None"
+
+    confidence_source = models.CharField(
+        max_length=20,
+        choices=ConfidenceSource.choices,
+        default=ConfidenceSource.AUTO,
+        help_text="Where a job's confidence comes from, for the review rule 'confidence below' "
+        "(jobs.kinds.confidence_from).",
     )
     chunk_chars = models.PositiveIntegerField(
         default=4000,
@@ -943,6 +953,14 @@ def workload_errors(workload: Workload) -> dict[str, str]:
         and workload.min_output_chars > workload.max_output_chars
     ):
         errors["max_output_chars"] = "The maximum is below the minimum."
+    if (
+        workload.kind == Workload.Kind.CLASSIFY
+        and workload.confidence_source == Workload.ConfidenceSource.SELF_RATED
+    ):
+        errors["confidence_source"] = (
+            "A classify workload's confidence is its label's probability (token logprobs): "
+            "choose Automatic, Token logprobs or None."
+        )
     if not isinstance(workload.sample_input, dict):
         errors["sample_input"] = 'Sample input must be a JSON object: {"field": "value"}.'
     return errors

@@ -85,7 +85,10 @@ Answers are deterministic for the same messages, model and seed:
                     (p = 0.35), [[invalid-label]] (answers "unknown-label").
     extraction      response_format json_object / json_schema (for /v1/messages: a JSON Schema
                     quoted in the system prompt); markers [[invalid-json]], [[schema-violation]].
-    generation      otherwise: 40-120 tokens of sentence-cased text from the input's words.
+    generation      otherwise: 40-120 tokens of sentence-cased text from the input's words,
+                    and a last line "Confidence: 0.xx" when the system prompt asks the model
+                    to rate its confidence. [[low-confidence]] makes that rating 0.30 and
+                    every token's logprob low (p 0.15-0.45) in free text and JSON alike.
     [[refuse]]      the model refuses (as refusal_rate does).
     [[content-filter]]  OpenAI/Azure's content filter: finish_reason "content_filter" and empty
                     content (Anthropic: stop_reason "refusal").
@@ -762,6 +765,9 @@ def generate_answer(request: ChatRequest, seed: int) -> Answer:
         text = _sentence(rng, topics)
         while count_tokens(text) < target:
             text += " " + _sentence(rng, topics)
+        if _asks_for_a_rating(messages):  # as models do: a last line when the prompt asks
+            rating = 0.3 if "[[low-confidence]]" in markers else 0.8 + 0.17 * rng.random()
+            text += f"\nConfidence: {rating:.2f}"
 
     finish = "stop"
     limit = request.max_tokens
@@ -775,8 +781,19 @@ def generate_answer(request: ChatRequest, seed: int) -> Answer:
             token, logprob, alternatives = single_token
             logprobs = [_token_entry(token, logprob, alternatives, request.top_logprobs)]
         else:
-            logprobs = [_generated_entry(token, rng, request.top_logprobs) for token in tokens]
+            unsure = "[[low-confidence]]" in markers
+            logprobs = [
+                _generated_entry(token, rng, request.top_logprobs, unsure) for token in tokens
+            ]
     return Answer(text, tokens, finish, prompt_tokens, count_tokens(text), logprobs)
+
+
+def _asks_for_a_rating(messages: list[tuple[str, str]]) -> bool:
+    """A system prompt asking the model to rate its confidence on a last line
+    (jobs.kinds' self-rating)."""
+    return any(
+        role == "system" and "rate your confidence" in text.lower() for role, text in messages
+    )
 
 
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
@@ -791,8 +808,11 @@ def refusal_answer(request: ChatRequest, prompt_tokens: int) -> Answer:
     )
 
 
-def _generated_entry(token: str, rng: random.Random, top: int) -> dict[str, Any]:
-    probability = 0.55 + 0.44 * rng.random()
+def _generated_entry(
+    token: str, rng: random.Random, top: int, unsure: bool = False
+) -> dict[str, Any]:
+    # A token of a free-text or JSON answer; [[low-confidence]] makes the model unsure of each.
+    probability = (0.15 + 0.3 * rng.random()) if unsure else (0.55 + 0.44 * rng.random())
     candidates = [alt for alt in _ALTERNATIVE_TOKENS if alt != token][: max(0, top - 1)]
     share = (1 - probability) / max(1, len(candidates))
     alternatives = [(alt, math.log(share)) for alt in candidates]
@@ -814,6 +834,9 @@ def _json_answer(
         result = _SchemaFiller(request.schema, rng, topics).value(request.schema)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as exc:
         raise BadRequest(f"unsupported JSON schema: {exc!r}") from exc
+    if isinstance(result, dict) and isinstance(result.get("confidence"), int | float):
+        # A schema that asks for the model's own confidence gets one, low when marked.
+        result["confidence"] = 0.3 if "[[low-confidence]]" in markers else 0.9
     if violate:
         required = request.schema.get("required") or []
         if isinstance(result, dict) and required:

@@ -252,6 +252,9 @@ class CompletionRequest:
     labels: list[str] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None
     stream: bool = False
+    # Ask for the answer's token logprobs (its confidence: jobs.kinds.confidence_from); a label
+    # request always asks, for its first token's.
+    logprobs: bool = False
 
 
 @dataclass
@@ -545,6 +548,12 @@ def refusal_error(reason: str, *, status: int, usage: tuple[int, int]) -> Provid
 
 def label_confidence(logprob: float | None) -> float | None:
     return None if logprob is None else round(math.exp(logprob), 6)
+
+
+def mean_token_confidence(logprob_sum: float, tokens: int) -> float | None:
+    """An answer's confidence from its tokens' logprobs: the geometric mean of their
+    probabilities (exp of the mean logprob), so a long answer is not judged by its length."""
+    return round(math.exp(logprob_sum / tokens), 6) if tokens else None
 
 
 def structured_confidence(text: str) -> float | None:

@@ -25,6 +25,7 @@ from jobs.providers.base import (
     ProviderError,
     error_message,
     label_confidence,
+    mean_token_confidence,
     refusal_error,
     stream_error,
 )
@@ -55,6 +56,8 @@ class OpenAIProvider(BaseProvider):
         if request.labels:
             body["logprobs"] = True
             body["top_logprobs"] = min(5, len(request.labels))
+        elif request.logprobs:
+            body["logprobs"] = True
         if request.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
@@ -70,7 +73,7 @@ class OpenAIProvider(BaseProvider):
     ) -> Completion:
         body = self.body(request)
         if request.stream:
-            return self._complete_streaming(body, on_delta)
+            return self._complete_streaming(body, on_delta, by_label=bool(request.labels))
         response = self.post("/chat/completions", json=body, headers=self.headers())
         if response.status_code >= 400:
             raise ProviderError.from_response(response, error_message(response))
@@ -92,20 +95,20 @@ class OpenAIProvider(BaseProvider):
             tokens_in=int(usage.get("prompt_tokens") or 0),
             tokens_out=int(usage.get("completion_tokens") or 0),
             finish_reason=choice.get("finish_reason") or "",
-            confidence=_first_token_confidence(choice),
+            confidence=_confidence([choice], by_label=bool(request.labels)),
             status=response.status_code,
         )
         _raise_on_refusal(completion, refusal)
         return completion
 
     def _complete_streaming(
-        self, body: dict[str, Any], on_delta: DeltaCallback | None
+        self, body: dict[str, Any], on_delta: DeltaCallback | None, *, by_label: bool = False
     ) -> Completion:
         parts: list[str] = []
         refusal: list[str] = []
         tokens_in = tokens_out = 0
         finish_reason = ""
-        confidence = None
+        choices: list[dict[str, Any]] = []  # each chunk's, for the logprobs they carry
         for _event, payload in self.stream_lines(
             "/chat/completions", json=body, headers=self.headers()
         ):
@@ -134,25 +137,35 @@ class OpenAIProvider(BaseProvider):
                     parts.append(text)
                     if on_delta:
                         on_delta(text)
-                if confidence is None:
-                    confidence = _first_token_confidence(choice)
+                if choice.get("logprobs"):
+                    choices.append(choice)
                 finish_reason = choice.get("finish_reason") or finish_reason
         completion = Completion(
             text="".join(parts),
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             finish_reason=finish_reason,
-            confidence=confidence,
+            confidence=_confidence(choices, by_label=by_label),
         )
         _raise_on_refusal(completion, "".join(refusal))
         return completion
 
 
-def _first_token_confidence(choice: dict[str, Any]) -> float | None:
-    content = (choice.get("logprobs") or {}).get("content") or []
-    if not content:
+def _confidence(choices: list[dict[str, Any]], *, by_label: bool) -> float | None:
+    """From the logprobs of the answer's tokens (`choices`: the answer's, or each streamed
+    chunk's): a label's is its first token's probability, any other answer's the geometric
+    mean over its tokens (base.mean_token_confidence). None without logprobs."""
+    entries = [
+        entry
+        for choice in choices
+        for entry in ((choice.get("logprobs") or {}).get("content") or [])
+        if isinstance(entry, dict) and isinstance(entry.get("logprob"), int | float)
+    ]
+    if not entries:
         return None
-    return label_confidence(content[0].get("logprob"))
+    if by_label:
+        return label_confidence(entries[0]["logprob"])
+    return mean_token_confidence(sum(entry["logprob"] for entry in entries), len(entries))
 
 
 def _raise_on_refusal(completion: Completion, refusal: str) -> None:

@@ -221,7 +221,7 @@ def test_self_rated_confidence_is_parsed_and_low_values_go_to_review(provider):
     from jobs.providers.base import Completion
 
     workload = make_workload(
-        provider, Workload.Kind.GENERATE, self_rated_confidence=True, confidence_threshold=0.7
+        provider, Workload.Kind.GENERATE, confidence_source="self_rated", confidence_threshold=0.7
     )
     text = "A fine kettle that boils fast.\nConfidence: 0.4"
     verdict = kinds.parse(workload, Completion(text=text, tokens_in=1, tokens_out=1))
