@@ -449,10 +449,17 @@ def test_retry_budget_caps_retries_across_two_worker_processes(
         "AIQUEUE_RETRY_BUDGET_WAIT": "600",
         "AIQUEUE_RETRY_BACKOFF_BASE_MS": "5",
     }
-    args = [sys.executable, "manage.py", "worker", "--no-scheduler"]
+    # Two threads each, so that neither process can take all ten jobs at once; and jobs are
+    # submitted only once both wait on the queues (Redis hands a push to the longest waiter),
+    # or a process still in its first maintenance pass left every job to the other (CI, once).
+    args = [sys.executable, "manage.py", "worker", "--no-scheduler", "--threads", "2"]
     workers = [spawn(args, tmp_path, env), spawn(args, tmp_path, env)]
     try:
         wait_for(lambda: len(RQWorker.all(connection=redis_conn)) == 2, timeout=90)
+        wait_for(
+            lambda: sum(c.get("cmd") == "blpop" for c in redis_conn.client_list()) >= 2,
+            timeout=60,
+        )
         jobs = [submit(workload, user, f"meeting notes {i}") for i in range(10)]
         wait_for(
             lambda: not Job.objects.filter(status__in=["queued", "running"]).exists(),
