@@ -141,6 +141,17 @@ def confidence_from(workload: Workload) -> str:
     return "self_rated"
 
 
+def without_rating(workload: Workload, text: str) -> str:
+    """Text as people see it: a self-rated answer's last line ("Confidence: 0.8") is the
+    model's note to aiqueue, not output (parse_text strips it from the result; jobs.live from
+    the text streamed so far)."""
+    if workload.kind in SELF_RATED_KINDS and confidence_from(workload) == "self_rated":
+        match = CONFIDENCE_LINE_RE.search(text.rstrip())
+        if match:
+            return text[: match.start()].rstrip()
+    return text
+
+
 def system_prompt_for(workload: Workload) -> str:
     system = workload.system_prompt
     if workload.kind == Kind.CLASSIFY:

@@ -43,7 +43,7 @@ from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.template.loader import render_to_string
 
-from jobs import queueing, timeline
+from jobs import kinds, queueing, timeline
 from jobs.models import Attempt, Job, JobEvent, Provider
 
 log = logging.getLogger(__name__)
@@ -458,7 +458,8 @@ class OutputStream:
         if not listened([job_group(self.job.code)]):
             return
         try:
-            message = render_output(self.job, self.text, streaming=streaming)
+            text = kinds.without_rating(self.job.workload, self.text)
+            message = render_output(self.job, text, streaming=streaming)
         except Exception:
             log.warning("live render of streamed output failed", exc_info=True)
             return

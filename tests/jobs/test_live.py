@@ -272,11 +272,17 @@ def test_streamed_output_is_escaped_and_not_processed_by_htmx(workload, user):
     assert '<pre class="output" id="job-output" hx-disable>' in html
 
 
-def test_a_retry_restarts_the_streamed_text(workload, user, monkeypatch):
-    job = submit(workload, user)
-    sent = []
-    monkeypatch.setattr(live, "send", lambda messages: sent.extend(messages) or True)
+@pytest.fixture
+def sent(monkeypatch) -> list:
+    """What a stream publishes, captured instead of sent; every group counts as listened to."""
+    captured: list = []
+    monkeypatch.setattr(live, "send", lambda messages: captured.extend(messages) or True)
     monkeypatch.setattr(live, "listened", lambda groups: set(groups))
+    return captured
+
+
+def test_a_retry_restarts_the_streamed_text(workload, user, sent):
+    job = submit(workload, user)
     stream = live.OutputStream(job, interval=0)
     job.attempt_count = 1
     stream("partial answer that broke")
@@ -285,6 +291,20 @@ def test_a_retry_restarts_the_streamed_text(workload, user, monkeypatch):
     stream.close()
     assert stream.text == "fresh"
     assert "broke" not in sent[-1][1]["html"]
+
+
+def test_a_self_rated_answers_rating_line_is_not_streamed_to_the_page(workload, user, sent):
+    workload.confidence_source = "self_rated"
+    workload.save()
+    job = submit(workload, user)
+    stream = live.OutputStream(job, interval=0)
+    job.attempt_count = 1
+    for delta in ("The plan", " is sound.", "\nConfidence: 0.", "87"):
+        stream(delta)
+    stream.close()
+    assert "The plan is sound." in sent[-1][1]["html"]
+    assert "Confidence" not in sent[-1][1]["html"]
+    assert "Confidence: 0.87" in stream.text  # the answer itself is kept whole for parsing
 
 
 def test_worker_publishes_every_stage_of_a_streamed_run(
