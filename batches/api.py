@@ -78,6 +78,7 @@ def create(request: HttpRequest) -> HttpResponse:
                 data=data,
                 user=request.user,
                 priority=priority,
+                api_token=request.api_token,
             )
             if start:
                 services.do_start_batch(batch)

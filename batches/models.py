@@ -31,6 +31,11 @@ class Batch(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+    # The API token it was created with (batches.api): its jobs carry it (Job.api_token), so a
+    # token's spend and its scoped budgets count them as they count its single submissions.
+    api_token = models.ForeignKey(
+        "jobs.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="batches"
+    )
     filename = models.CharField(max_length=255)
     file_format = models.CharField(max_length=10, default="csv")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT)

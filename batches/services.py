@@ -28,7 +28,7 @@ from batches.models import Batch, BatchRow
 from batches.parsing import parse_upload
 from jobs import inputs, kinds, live, services, webhooks
 from jobs.flow import budgets
-from jobs.models import Job, Workload
+from jobs.models import ApiToken, Job, Workload
 from jobs.representations import moment, money
 from jobs.signals import job_settled
 
@@ -76,6 +76,7 @@ def do_create_batch(
     data: bytes,
     user: AbstractBaseUser | None,
     priority: str = "",
+    api_token: ApiToken | None = None,
 ) -> Batch:
     """Read the file and store every row as a pending BatchRow, in draft: nothing is queued
     until `do_start_batch`. A file without a single data row is refused (BatchError)."""
@@ -89,6 +90,7 @@ def do_create_batch(
         batch = Batch.objects.create(
             workload=workload,
             created_by=user if user is not None and user.is_authenticated else None,
+            api_token=api_token,
             filename=filename[:255],
             file_format=parsed.file_format,
             priority=priority or Batch._meta.get_field("priority").default,
@@ -288,6 +290,7 @@ def admit(batch_id: int) -> int:
                     workload=batch.workload,
                     input_text=text,
                     user=batch.created_by,
+                    api_token=batch.api_token,
                     priority=batch.priority,
                     input_data=row.input_data,
                     batch=batch,

@@ -124,7 +124,7 @@ def test_the_page_is_for_operators_and_escapes_names(client, workload, user, ope
     assert client.post(reverse("spend")).status_code == 405
 
 
-def test_the_api_records_the_token_a_job_came_with(client, token, workload, user):
+def test_the_api_records_the_token_a_job_came_with(client, token, workload, user, redis_conn):
     def post(path, body, **headers):
         return client.post(path, json.dumps(body), content_type="application/json", **headers)
 
@@ -135,6 +135,13 @@ def test_the_api_records_the_token_a_job_came_with(client, token, workload, user
     replay = post(f"/api/jobs/{first.code}/replay", {}, **bearer)
     assert replay.status_code == 202
     assert Job.objects.get(replay_of=first).api_token == first.api_token
+
+    # A batch made through the API with the token: its jobs carry it too.
+    rows = {"workload": workload.name, "rows": [{"input": "c"}, {"input": "d"}]}
+    assert post("/api/batches", rows, **bearer).status_code == 201
+    assert set(Job.objects.filter(batch__isnull=False).values_list("api_token", flat=True)) == {
+        first.api_token_id
+    }
 
     # The browser session's API call (CSRF-checked) names no token.
     client.force_login(user)
