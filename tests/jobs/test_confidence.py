@@ -131,7 +131,6 @@ def test_existing_workloads_keep_what_they_did_before_the_field(provider):
     """Migration 0017: self-rated ones stay self-rated, classify keeps its label's probability
     ("auto"), the rest had no confidence ("off"): no prompt changes under them."""
     before = [("jobs", "0016_i23_scoped_budgets_and_alerts")]
-    after = [("jobs", "0017_i23_confidence_source")]
     executor = MigrationExecutor(connection)
     executor.migrate(before)
     old = executor.loader.project_state(before).apps
@@ -140,8 +139,10 @@ def test_existing_workloads_keep_what_they_did_before_the_field(provider):
     OldWorkload.objects.create(name="rated", kind="generate", self_rated_confidence=True, **common)
     OldWorkload.objects.create(name="plain", kind="summarize", **common)
     OldWorkload.objects.create(name="labels", kind="classify", labels=["a", "b"], **common)
+    # Forward to every app's latest, not just jobs': going back to 0016 also unapplied the
+    # migrations that depend on 0017 (batches 0002), and later tests need them.
     executor = MigrationExecutor(connection)
-    executor.migrate(after)
+    executor.migrate(executor.loader.graph.leaf_nodes())
     sources = dict(Workload.objects.values_list("name", "confidence_source"))
     assert sources == {"rated": "self_rated", "plain": "off", "labels": "auto"}
 
