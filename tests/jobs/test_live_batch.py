@@ -18,8 +18,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def test_a_list_socket_receives_one_frame_with_every_changed_rows_final_state(
     redis_conn, client, workload, user, settings
 ):
-    # Long enough that every change below falls into one interval.
-    settings.AIQUEUE_LIVE_LIST_INTERVAL_MS = 3000
+    # Long enough that every change below falls into one interval, even on a loaded machine
+    # (at 3 s, CI once saw a frame sent before the last cancel).
+    settings.AIQUEUE_LIVE_LIST_INTERVAL_MS = 8000
     cookie = session_cookie(client, user)
 
     def burst() -> list:
@@ -32,7 +33,7 @@ def test_a_list_socket_receives_one_frame_with_every_changed_rows_final_state(
         comm = communicator("/ws/jobs/?parts=row,counters,new", cookie)
         assert (await comm.connect(timeout=5))[0]
         jobs = await database_sync_to_async(burst)()
-        frame = await comm.receive_from(timeout=10)
+        frame = await comm.receive_from(timeout=20)
         assert await comm.receive_nothing(timeout=0.5)
         await comm.disconnect()
         return jobs, frame
