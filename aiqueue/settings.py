@@ -212,7 +212,7 @@ AIQUEUE_HEARTBEAT_INTERVAL = env_int("AIQUEUE_HEARTBEAT_INTERVAL", 5, minimum=1)
 # 20 s = four missed beats; with the 10 s reconcile interval a dead worker's runs are back in
 # the queue within 30 s.
 AIQUEUE_STALE_RUNNING_AFTER = env_int("AIQUEUE_STALE_RUNNING_AFTER", 20, minimum=2)
-# Threaded workers (runs.worker.ThreadPoolWorker): jobs in flight per worker process, and how
+# Workers (runs.worker.Worker): jobs in flight per worker process, and how
 # long a stopping worker lets them finish before handing them back to the queue (8 s: within
 # the 10 s ./run waits before it kills what is left).
 AIQUEUE_WORKER_THREADS = env_int("AIQUEUE_WORKER_THREADS", 20, minimum=1)

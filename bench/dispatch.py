@@ -14,7 +14,7 @@ provider call can reach here. Rate as for aiqueue.
 raw RQ: the same number of no-op jobs (`os.getpid`) on a queue of the same Redis, run by RQ's
 SimpleWorker (burst, in this process). Rate = jobs / wall time of the burst.
 
-worker only: the same no-op jobs run by aiqueue's ThreadPoolWorker with the same threads (burst,
+worker only: the same no-op jobs run by aiqueue's Worker with the same threads (burst,
 in this process), timed as raw RQ: what the concurrent worker itself costs, without any job work.
 
 Target: aiqueue ≥ 0.5× raw RQ per worker process. --quick: 300 jobs.
@@ -77,12 +77,12 @@ def run_worker(stack: Stack, pks: list[int], threads: int) -> tuple[int, float]:
 
 def noop_burst(redis_url: str, n: int, threads: int | None = None) -> float:
     """Seconds for a burst worker in this process to run n no-op jobs: RQ's SimpleWorker, or
-    with `threads`, aiqueue's ThreadPoolWorker."""
+    with `threads`, aiqueue's Worker."""
     import redis
     from rq import Queue
     from rq.worker import SimpleWorker
 
-    from runs.worker import ThreadPoolWorker
+    from runs.worker import Worker
 
     connection = redis.Redis.from_url(redis_url)
     queue = Queue(f"bench-noop-{threads or 'simple'}", connection=connection)
@@ -93,7 +93,7 @@ def noop_burst(redis_url: str, n: int, threads: int | None = None) -> float:
     if threads is None:
         worker = SimpleWorker([queue], connection=connection)
     else:
-        worker = ThreadPoolWorker([queue], connection=connection, threads=threads)
+        worker = Worker([queue], connection=connection, threads=threads)
     started = time.monotonic()
     worker.work(burst=True, logging_level="WARNING", with_scheduler=False)
     elapsed = time.monotonic() - started

@@ -6,7 +6,7 @@
 The simulator answers after --latency-ms. Both sides run the same aiqueue pipeline
 (runs.tasks.run_job: row, ledger, events) on the same Redis and SQLite database:
 
-- aiqueue: ONE `manage.py worker --threads <concurrency>` process (runs.worker.ThreadPoolWorker);
+- aiqueue: ONE `manage.py worker --threads <concurrency>` process (runs.worker.Worker);
 - floor: the same threaded process running jobs that only read their row, make the one
   provider call and write the answer (bench/floor.py): what any job with a real call reaches;
 - stock: django-rq's `rqworker-pool --num-workers <concurrency>` (RQ's forking Worker, one job

@@ -5,7 +5,7 @@
 Submits N jobs, then runs them in THIS process with the one-job-at-a-time Worker (burst)
 under cProfile, counting SQL queries and Redis commands. Prints per-job counts, wall and CPU
 time per job, and the functions with the most cumulative time. --plain: no profiler;
---threads N (with --plain): the ThreadPoolWorker with N threads instead (SQL is counted
+--threads N (with --plain): the worker with N pool threads instead (SQL is counted
 with one thread only: the wrapper is per connection). Not a scenario with a target: a tool
 for finding what to cut in the per-job path (see the dispatch scenario).
 """
@@ -114,7 +114,8 @@ def main() -> None:
         saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
         for owner, name, label in patches:
             setattr(owner, name, timed(label, getattr(owner, name)))
-        worker = build_worker(threads=options.threads)
+        # One thread: the jobs run on this one, where cProfile sees them.
+        worker = build_worker(threads=options.threads, inline=options.threads == 1)
         profiler = cProfile.Profile()
         redis.Redis.execute_command = count_redis
         redis.client.Pipeline.execute = count_pipe

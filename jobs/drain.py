@@ -2,7 +2,7 @@
 
 The request is a Redis key named after the worker (`KEY`), set by the operator's action
 (jobs.operator.do_drain_worker) and read by the worker's dequeue loop about once a second
-(runs.worker.ThreadPoolWorker). A drained worker finishes the runs it has in flight, then
+(runs.worker.Worker). A drained worker finishes the runs it has in flight, then
 idles: it stays registered, beats and runs its maintenance pass (the reconciler), but takes no
 job until the request is withdrawn. It does not exit, so a process manager does not start a
 fresh worker in its place. The worker refreshes the key's expiry while it reads it, so a key

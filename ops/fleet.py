@@ -25,8 +25,8 @@ from aiqueue import supervision
 from jobs import drain, processes, queueing
 from jobs.models import Attempt, Job, Provider
 
-# The threaded worker beats every AIQUEUE_HEARTBEAT_INTERVAL s and a one-job worker at least
-# once per dequeue wait (at most the reconcile interval); three missed beats is a dead worker.
+# The worker's monitor beats every AIQUEUE_HEARTBEAT_INTERVAL s (5 by default), and its main
+# thread once per dequeue wait (at most the reconcile interval): 30 s silent is a dead worker.
 GONE_AFTER_S = 30
 
 

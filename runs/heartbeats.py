@@ -2,11 +2,10 @@
 
 Runs register their fencing token with a `RunHeartbeats`, and each beat refreshes
 `heartbeat_at` of every registered run with a single `UPDATE ... WHERE run_token IN (...)`.
-The threaded worker (`runs.worker.ThreadPoolWorker`) installs one for its process and beats it
-from its monitor thread: a worker with 100 runs in flight holds no extra connection and writes
-one statement per interval. A run outside such a worker (the one-at-a-time worker the tests
-run in-process) gets a `RunHeartbeats` of its own, beaten by a thread of its own
-(`beating_alone`): the same beat, only driven differently.
+The worker (`runs.worker.Worker`) installs one for its process and beats it from its monitor
+thread: a worker with 100 runs in flight holds no extra connection and writes one statement
+per interval. A process that runs jobs without that worker gets one beaten by a thread of its
+own (`for_this_process`): the same object and the same beat.
 
 Tokens identify one run each (a fresh UUID per start), so filtering on the token alone keeps
 the fence: a run that was recovered and restarted elsewhere has a new token and is not touched.
@@ -21,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import connection
@@ -35,6 +34,7 @@ from jobs.models import Job
 log = logging.getLogger(__name__)
 
 _active: RunHeartbeats | None = None
+_install_lock = threading.Lock()
 
 
 OnBeat = Callable[[], None]
@@ -112,39 +112,41 @@ def check_runs(running) -> set[uuid.UUID]:
     return alive
 
 
-@contextmanager
-def beating_alone(
-    job_pk: int, token: uuid.UUID, on_beat: OnBeat | None = None, on_lost: OnLost | None = None
-) -> Iterator[None]:
-    """For a run with no worker-wide heartbeat installed: its own RunHeartbeats, beaten every
-    AIQUEUE_HEARTBEAT_INTERVAL by a thread that lives as long as the run (or until it is told
-    the run is lost)."""
-    beats = RunHeartbeats()
-    beats.add(job_pk, token, on_beat, on_lost)
-    stop = threading.Event()
-    interval = settings.AIQUEUE_HEARTBEAT_INTERVAL
+def for_this_process() -> RunHeartbeats:
+    """The process's heartbeat, which every run registers with: the one the worker installed
+    (runs.worker.Worker beats it from its monitor thread), or, in a process that runs jobs
+    without it (a plain `rqworker`, a script), one installed here and beaten every
+    AIQUEUE_HEARTBEAT_INTERVAL by a thread of its own while it stays installed."""
+    global _active
+    with _install_lock:
+        if _active is not None:
+            return _active
+        beats = _active = RunHeartbeats()
 
     def loop() -> None:
+        interval = settings.AIQUEUE_HEARTBEAT_INTERVAL
         try:
-            while not stop.wait(interval) and beats.snapshot():
-                beats.beat()
+            while _active is beats:
+                time.sleep(interval)
+                try:
+                    beats.beat()
+                except Exception:
+                    log.exception("heartbeat of the runs in flight failed; next beat will retry")
+                finally:
+                    # Django connections are per thread: this one would otherwise leak.
+                    connection.close()
         finally:
-            # Django connections are per thread: this one would otherwise leak.
             connection.close()
 
-    thread = threading.Thread(target=loop, name=f"heartbeat-{job_pk}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=interval + 1)
+    threading.Thread(target=loop, name="run-heartbeats", daemon=True).start()
+    return beats
 
 
 def install(beats: RunHeartbeats | None) -> None:
-    """Make `beats` this process's shared heartbeat (None: back to one thread per run)."""
+    """Make `beats` this process's heartbeat (the worker's; None when it stops)."""
     global _active
-    _active = beats
+    with _install_lock:
+        _active = beats
 
 
 def active() -> RunHeartbeats | None:

@@ -343,13 +343,8 @@ def heartbeat(
     job from one whose worker died. `on_beat` runs at each beat too (lease renewal);
     `on_lost(reason)` once the run must stop (runs.heartbeats: cancelled, expired,
     recovered)."""
-    beats = heartbeats.active()
-    if beats is None:
-        # No worker-wide heartbeat in this process: the run beats alone, the same way.
-        with heartbeats.beating_alone(job.pk, token, on_beat, on_lost):
-            yield
-        return
-    # A threaded worker beats for all its runs in one query (runs.heartbeats).
+    # One beat for all of the process's runs, one query (runs.heartbeats).
+    beats = heartbeats.for_this_process()
     beats.add(job.pk, token, on_beat, on_lost)
     try:
         yield

@@ -1,14 +1,12 @@
-"""The aiqueue workers: RQ's worker plus the reconciler in its maintenance pass.
+"""The aiqueue worker: RQ's worker, many jobs at once in one process, plus the reconciler in
+its maintenance pass.
 
-- `Worker`: one job at a time (RQ's SimpleWorker, no fork).
-- `ThreadPoolWorker`: many jobs at once in one process, one thread per job in flight. An AI
-  call is almost all waiting, so one process holds dozens of calls instead of one.
-
-`manage.py worker --threads N` runs a ThreadPoolWorker (N from AIQUEUE_WORKER_THREADS);
-`--threads 1` runs the plain Worker. django-rq's `rqworker --worker-class
-runs.worker.ThreadPoolWorker` works too. The reconciler runs here rather than as a job
-scheduled in Redis because it must survive Redis losing its data: a schedule stored in Redis
-would be lost with it.
+`Worker` runs up to N jobs at once, one pool thread per job in flight: an AI call is almost
+all waiting, so one process holds dozens of calls instead of one. `manage.py worker
+--threads N` runs it (N from AIQUEUE_WORKER_THREADS); so does django-rq's `rqworker
+--worker-class runs.worker.Worker` (or `runs.worker.ThreadPoolWorker`, the name earlier
+releases documented). The reconciler runs here rather than as a job scheduled in Redis
+because it must survive Redis losing its data: a schedule stored in Redis would be lost with it.
 """
 
 from __future__ import annotations
@@ -118,132 +116,6 @@ class RedisGate:
                 )
 
 
-class Worker(StarvationGuardMixin, SimpleWorker):
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("worker_ttl", WORKER_TTL)
-        kwargs.setdefault("maintenance_interval", settings.AIQUEUE_RECONCILE_INTERVAL)
-        super().__init__(*args, **kwargs)
-        self._loop_gate = RedisGate(self.name, on_back=self._redis_back)
-
-    def serialize(self) -> dict:
-        # Beside RQ's fields in the worker's Redis hash, what the workers page shows (ops.fleet):
-        # the identity its runs record (Job.run_by) and how many jobs it runs at once.
-        return {
-            **super().serialize(),
-            "aiqueue_identity": processes.identity(),
-            "aiqueue_threads": getattr(self, "threads", 1),
-        }
-
-    @property
-    def dequeue_timeout(self) -> int:
-        # Wake up at least once per reconcile interval so a dead worker's job is noticed fast.
-        return max(1, min(self.worker_ttl - 15, settings.AIQUEUE_RECONCILE_INTERVAL))
-
-    # --- Redis away: the loop goes on (RedisGate) ---------------------------------------------
-    def register_birth(self) -> None:
-        # At start Redis may not answer yet (started beside the worker, failing over): wait
-        # for it instead of exiting, so a process manager does not see a crash loop.
-        gate = RedisGate(self.name)
-        while not gate.call("registering", super().register_birth):
-            time.sleep(gate.seconds_to_retry())
-
-    def heartbeat(self, timeout=None, pipeline=None) -> None:
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline)  # the caller executes (and guards) the pipeline
-            return
-        self._loop_gate.call("worker heartbeat", super().heartbeat, timeout)
-
-    def check_for_suspension(self, burst: bool) -> None:
-        self._loop_gate.call("suspension check", super().check_for_suspension, burst)
-
-    def set_state(self, state: str, pipeline=None) -> None:
-        if pipeline is not None:
-            super().set_state(state, pipeline)
-            return
-        self._state = state
-        self._loop_gate.call("worker state", super().set_state, state)
-
-    def _redis_back(self) -> None:
-        """Redis answers again, maybe empty (restarted without its data, wiped, failed over):
-        register this worker again and run the maintenance pass (the reconciler re-enqueues
-        what the database says is queued) at the next turn of the loop."""
-        with self.connection.pipeline() as pipe:
-            self.last_heartbeat = now()
-            pipe.hset(self.key, mapping=self.serialize())
-            worker_registration.register(self, pipe)
-            pipe.expire(self.key, self.worker_ttl + 60)
-            pipe.execute()
-        self.last_cleaned_at = None
-
-    def perform_job(self, job, queue) -> bool:
-        # Job boundaries are request boundaries for the database: drop connections that broke
-        # or outlived CONN_MAX_AGE, as Django does around each HTTP request.
-        close_old_connections()
-        try:
-            return super().perform_job(job, queue)
-        finally:
-            # After RQ's cleanup of this entry: a run that parked its own job scheduled its
-            # wake-up under the same id (jobs.queueing._enqueue).
-            queueing.run_held_enqueues()
-            close_old_connections()
-
-    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
-        retry_redis(
-            f"preparing {job.id}",
-            lambda: super(Worker, self).prepare_job_execution(job, remove_from_intermediate_queue),
-            self.name,
-        )
-
-    def handle_job_success(self, job, queue, started_job_registry) -> None:
-        """RQ's success bookkeeping, unless the entry is no longer this run's: the run was
-        superseded (its job recovered and queued again under the same RQ id, whose entry RQ
-        would delete), or Redis lost the entry (restarted or wiped while the job ran: RQ then
-        raised InvalidJobOperation "Failed to retrieve status" for a job that had succeeded).
-        The job's result is in the database either way; only this execution is cleaned up."""
-        if getattr(job, "_result", None) != runner.LOST:
-            try:
-                super().handle_job_success(job, queue, started_job_registry)
-                return
-            except InvalidJobOperation:
-                pass
-            except redis.RedisError as exc:
-                log.warning(
-                    "job %s finished; RQ's bookkeeping skipped, Redis unavailable: %s", job.id, exc
-                )
-                return
-        try:
-            with self.connection.pipeline() as pipe:
-                self.cleanup_execution(job, pipeline=pipe)
-                pipe.execute()
-        except redis.RedisError:
-            pass
-
-    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="") -> None:
-        try:
-            super().handle_job_failure(job, queue, started_job_registry, exc_string)
-        except (InvalidJobOperation, redis.RedisError) as exc:
-            log.warning("job %s: RQ's failure bookkeeping skipped: %s", job.id, exc)
-
-    def teardown(self) -> None:
-        try:
-            super().teardown()
-        except redis.RedisError as exc:
-            log.warning(
-                "worker %s: could not register its stop, Redis unavailable: %s", self.name, exc
-            )
-
-    def run_maintenance_tasks(self) -> None:
-        if not self._loop_gate.call("maintenance", super().run_maintenance_tasks):
-            self.last_cleaned_at = now()  # next try in one maintenance interval
-        try:
-            # Runs of this host's dead worker processes come back at once; the first pass runs
-            # as the worker starts, so a restarted worker recovers its predecessor's runs.
-            reconcile.recover_dead_local()
-            reconcile.run_if_due(settings.AIQUEUE_RECONCILE_INTERVAL)
-        except Exception:
-            log.exception("reconciler pass failed; the next pass will try again")
-
-
 def retry_redis(what: str, fn: Callable[[], Any], worker_name: str, limit_s: float = 60) -> Any:
     """`fn()`, tried again with backoff while Redis fails, for up to `limit_s` s."""
     gate = RedisGate(worker_name)
@@ -329,7 +201,7 @@ class _InFlight:
     execution: Any = None
 
 
-class ThreadPoolWorker(Worker):
+class Worker(StarvationGuardMixin, SimpleWorker):
     """Runs up to `threads` jobs at once in one process, keeping RQ's guarantees per job.
 
     - The main thread dequeues (priority order: the queue order, high → default → low) only
@@ -346,16 +218,28 @@ class ThreadPoolWorker(Worker):
       and exit. A second signal hands back at once. SIGKILL: nothing runs; the reconciler
       notices the silent heartbeats after AIQUEUE_STALE_RUNNING_AFTER s and re-queues the
       jobs; the fencing token keeps a late finisher from finishing twice.
+    - Redis away: the worker's own Redis calls go through a RedisGate and the loop goes on.
+
+    `inline=True` runs each job on the thread that called `work()` instead of a pool thread,
+    one at a time: for a caller whose database connection the runs must share, which is the
+    test suite's in-process worker inside a test's transaction. Everything else (dequeue,
+    bookkeeping, the monitor's beats, stopping) is the same code.
     """
 
     death_penalty_class = ThreadDeathPenalty
 
     def __init__(
-        self, *args, threads: int | None = None, shutdown_grace: int | None = None, **kwargs
+        self,
+        *args,
+        threads: int | None = None,
+        shutdown_grace: int | None = None,
+        inline: bool = False,
+        **kwargs,
     ) -> None:
         # Before RQ's __init__, which sets `self.execution` (a per-thread property here).
         self._local = threading.local()
-        self.threads = threads or settings.AIQUEUE_WORKER_THREADS
+        self.inline = inline
+        self.threads = 1 if inline else threads or settings.AIQUEUE_WORKER_THREADS
         self.shutdown_grace = (
             settings.AIQUEUE_WORKER_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
         )
@@ -372,7 +256,10 @@ class ThreadPoolWorker(Worker):
         self._cold = False
         self._suspension_checked = -1.0
         self._drain_checked, self._drained = -1.0, False
+        kwargs.setdefault("worker_ttl", WORKER_TTL)
+        kwargs.setdefault("maintenance_interval", settings.AIQUEUE_RECONCILE_INTERVAL)
         super().__init__(*args, **kwargs)
+        self._loop_gate = RedisGate(self.name, on_back=self._redis_back)
         # Two Redis connections per job thread (jobs.queueing.allow_connections), plus the
         # main thread's blocking pop and the monitor's beat; for RQ's client and aiqueue's.
         for client in (self.connection, queueing.connection()):
@@ -392,6 +279,136 @@ class ThreadPoolWorker(Worker):
         with self._lock:
             return len(self._in_flight)
 
+    def serialize(self) -> dict:
+        # Beside RQ's fields in the worker's Redis hash, what the workers page shows (ops.fleet):
+        # the identity its runs record (Job.run_by) and how many jobs it runs at once.
+        return {
+            **super().serialize(),
+            "aiqueue_identity": processes.identity(),
+            "aiqueue_threads": self.threads,
+        }
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # Wake up at least once per reconcile interval so a dead worker's job is noticed fast.
+        return max(1, min(self.worker_ttl - 15, settings.AIQUEUE_RECONCILE_INTERVAL))
+
+    # --- Redis away: the loop goes on (RedisGate) ---------------------------------------------
+    def register_birth(self) -> None:
+        # At start Redis may not answer yet (started beside the worker, failing over): wait
+        # for it instead of exiting, so a process manager does not see a crash loop.
+        gate = RedisGate(self.name)
+        while not gate.call("registering", super().register_birth):
+            time.sleep(gate.seconds_to_retry())
+
+    # RQ's loop beats for the worker twice and checks for `rq suspend` once per job it hands
+    # out: five Redis round trips on the one thread that hands out every job, which competes
+    # with the job threads for the interpreter. The worker's key lives worker_ttl + 60 s and
+    # the monitor beats every AIQUEUE_HEARTBEAT_INTERVAL s, so once a second is plenty.
+    def heartbeat(self, timeout=None, pipeline=None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)  # the caller executes (and guards) the pipeline
+            return
+        last = getattr(self, "last_heartbeat", None)
+        if timeout is None and last and (now() - last).total_seconds() < 1:
+            return
+        self._loop_gate.call("worker heartbeat", super().heartbeat, timeout)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        if time.monotonic() - self._suspension_checked < 1:
+            return
+        self._suspension_checked = time.monotonic()
+        self._loop_gate.call("suspension check", super().check_for_suspension, burst)
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        self._state = state
+        self._loop_gate.call("worker state", super().set_state, state)
+
+    def _redis_back(self) -> None:
+        """Redis answers again, maybe empty (restarted without its data, wiped, failed over):
+        register this worker again and run the maintenance pass (the reconciler re-enqueues
+        what the database says is queued) at the next turn of the loop."""
+        with self.connection.pipeline() as pipe:
+            self.last_heartbeat = now()
+            pipe.hset(self.key, mapping=self.serialize())
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+        self.last_cleaned_at = None
+
+    def perform_job(self, job, queue) -> bool:
+        # Job boundaries are request boundaries for the database: drop connections that broke
+        # or outlived CONN_MAX_AGE, as Django does around each HTTP request.
+        close_old_connections()
+        try:
+            return super().perform_job(job, queue)
+        finally:
+            # After RQ's cleanup of this entry: a run that parked its own job scheduled its
+            # wake-up under the same id (jobs.queueing._enqueue).
+            queueing.run_held_enqueues()
+            close_old_connections()
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        retry_redis(
+            f"preparing {job.id}",
+            lambda: super(Worker, self).prepare_job_execution(job, remove_from_intermediate_queue),
+            self.name,
+        )
+
+    def handle_job_success(self, job, queue, started_job_registry) -> None:
+        """RQ's success bookkeeping, unless the entry is no longer this run's: the run was
+        superseded (its job recovered and queued again under the same RQ id, whose entry RQ
+        would delete), or Redis lost the entry (restarted or wiped while the job ran: RQ then
+        raised InvalidJobOperation "Failed to retrieve status" for a job that had succeeded).
+        The job's result is in the database either way; only this execution is cleaned up."""
+        self._stop_beating(job)  # RQ deletes the execution next
+        if getattr(job, "_result", None) != runner.LOST:
+            try:
+                super().handle_job_success(job, queue, started_job_registry)
+                return
+            except InvalidJobOperation:
+                pass
+            except redis.RedisError as exc:
+                log.warning(
+                    "job %s finished; RQ's bookkeeping skipped, Redis unavailable: %s", job.id, exc
+                )
+                return
+        try:
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe)
+                pipe.execute()
+        except redis.RedisError:
+            pass
+
+    def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="") -> None:
+        self._stop_beating(job)
+        try:
+            super().handle_job_failure(job, queue, started_job_registry, exc_string)
+        except (InvalidJobOperation, redis.RedisError) as exc:
+            log.warning("job %s: RQ's failure bookkeeping skipped: %s", job.id, exc)
+
+    def _register_stop(self) -> None:
+        try:
+            super().teardown()
+        except redis.RedisError as exc:
+            log.warning(
+                "worker %s: could not register its stop, Redis unavailable: %s", self.name, exc
+            )
+
+    def run_maintenance_tasks(self) -> None:
+        if not self._loop_gate.call("maintenance", super().run_maintenance_tasks):
+            self.last_cleaned_at = now()  # next try in one maintenance interval
+        try:
+            # Runs of this host's dead worker processes come back at once; the first pass runs
+            # as the worker starts, so a restarted worker recovers its predecessor's runs.
+            reconcile.recover_dead_local()
+            reconcile.run_if_due(settings.AIQUEUE_RECONCILE_INTERVAL)
+        except Exception:
+            log.exception("reconciler pass failed; the next pass will try again")
+
     def work(self, *args, **kwargs) -> bool:
         heartbeats.install(self._beats)
         try:
@@ -400,22 +417,6 @@ class ThreadPoolWorker(Worker):
             heartbeats.install(None)
 
     # --- the main thread: dequeue when a thread is free -----------------------------------
-    # RQ's loop beats for the worker twice and checks for `rq suspend` once per job it hands
-    # out: five Redis round trips on the one thread that hands out every job, which competes
-    # with the job threads for the interpreter. The worker's key lives worker_ttl + 60 s and
-    # the monitor beats every AIQUEUE_HEARTBEAT_INTERVAL s, so once a second is plenty.
-    def heartbeat(self, timeout=None, pipeline=None) -> None:
-        last = getattr(self, "last_heartbeat", None)
-        if timeout is None and pipeline is None and last and (now() - last).total_seconds() < 1:
-            return
-        super().heartbeat(timeout, pipeline)
-
-    def check_for_suspension(self, burst: bool) -> None:
-        if time.monotonic() - self._suspension_checked < 1:
-            return
-        self._suspension_checked = time.monotonic()
-        super().check_for_suspension(burst)
-
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         # Threads start here, after work() forked RQ's scheduler: forking a process that
         # already runs threads can deadlock the child.
@@ -506,42 +507,49 @@ class ThreadPoolWorker(Worker):
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         with self._lock:
             self._in_flight[job.id] = _InFlight(job, queue)
-        self._tasks.put((job, queue))
+        if self.inline:
+            self._run_one(job, queue)
+        else:
+            self._tasks.put((job, queue))
 
     def _start_threads(self) -> None:
-        if self._pool:
+        if self._pool or self._monitor_stop.is_set():
             return
-        for i in range(self.threads):
-            thread = threading.Thread(target=self._thread_main, name=f"job-{i}", daemon=True)
-            thread.start()
-            self._pool.append(thread)
-        threading.Thread(target=self._monitor_main, name="monitor", daemon=True).start()
+        if not self.inline:
+            for i in range(self.threads):
+                thread = threading.Thread(target=self._thread_main, name=f"job-{i}", daemon=True)
+                thread.start()
+                self._pool.append(thread)
+        monitor = threading.Thread(target=self._monitor_main, name="monitor", daemon=True)
+        monitor.start()
+        self._pool.append(monitor)
 
-    # --- pool threads ---------------------------------------------------------------------
+    # --- running one job: a pool thread, or the caller's (inline) ---------------------------
     def _thread_main(self) -> None:
         while True:
             item = self._tasks.get()
             if item is None:
                 return
-            job, queue = item
             try:
-                retry_redis(
-                    f"starting {job.id}", lambda j=job: self.prepare_execution(j), self.name
-                )
-                with self._lock:
-                    self._in_flight[job.id].execution = self.execution
-                self.perform_job(job, queue)
+                self._run_one(*item)
             except BaseException:  # a thread must survive whatever one job does
-                log.exception("worker thread: job %s ended abnormally", job.id)
-            finally:
-                self.execution = None
-                # The job boundary: this thread's connection back to the pool, or closed if
-                # broken or too old (runs.dbconn).
-                dbconn.end_of_job()
-                with self._lock:
-                    self._in_flight.pop(job.id, None)
-                    self._changed.notify_all()
-                self._slots.release()
+                log.exception("worker thread: job %s ended abnormally", item[0].id)
+
+    def _run_one(self, job: RQJob, queue: Queue) -> None:
+        try:
+            retry_redis(f"starting {job.id}", lambda: self.prepare_execution(job), self.name)
+            with self._lock:
+                self._in_flight[job.id].execution = self.execution
+            self.perform_job(job, queue)
+        finally:
+            self.execution = None
+            # The job boundary: this thread's connection back to the pool, or closed if
+            # broken or too old (runs.dbconn).
+            dbconn.end_of_job()
+            with self._lock:
+                self._in_flight.pop(job.id, None)
+                self._changed.notify_all()
+            self._slots.release()
 
     def _monitor_main(self) -> None:
         interval = settings.AIQUEUE_HEARTBEAT_INTERVAL
@@ -578,14 +586,6 @@ class ThreadPoolWorker(Worker):
             if flight is not None:
                 flight.execution = None
 
-    def handle_job_success(self, job, queue, *args, **kwargs):
-        self._stop_beating(job)  # RQ deletes the execution next
-        return super().handle_job_success(job, queue, *args, **kwargs)
-
-    def handle_job_failure(self, job, queue, *args, **kwargs):
-        self._stop_beating(job)
-        return super().handle_job_failure(job, queue, *args, **kwargs)
-
     # --- stopping -------------------------------------------------------------------------
     def request_stop(self, signum, frame) -> None:
         """Warm shutdown: stop taking jobs; the jobs in flight get the grace period."""
@@ -612,11 +612,11 @@ class ThreadPoolWorker(Worker):
 
     def teardown(self) -> None:
         self._drain()
-        for _ in self._pool:
+        for _ in range(len(self._pool)):
             self._tasks.put(None)
         self._monitor_stop.set()  # no beat may re-add an execution the hand-back dropped
         handed_back = self._hand_back()
-        super().teardown()
+        self._register_stop()
         if handed_back:
             # Threads still inside a hand-back run must not write after it: leave now.
             logging.shutdown()
@@ -656,11 +656,17 @@ class ThreadPoolWorker(Worker):
 
 
 def build_worker(
-    *, name: str | None = None, threads: int | None = None
-) -> Worker | ThreadPoolWorker:
-    """A ThreadPoolWorker with `threads` threads; the one-job-at-a-time Worker for None or 1
-    (what the test suite runs in-process). `manage.py worker` passes AIQUEUE_WORKER_THREADS."""
+    *, name: str | None = None, threads: int | None = None, inline: bool = False
+) -> Worker:
+    """The worker on aiqueue's queues with `threads` pool threads (AIQUEUE_WORKER_THREADS when
+    None, what `manage.py worker` passes); `inline=True` runs the jobs on the calling thread
+    (the test suite's in-process worker)."""
     queues = [queueing.queue(q) for q in settings.RQ_QUEUE_NAMES]
-    if threads is None or threads <= 1:
-        return Worker(queues, connection=queues[0].connection, name=name)
-    return ThreadPoolWorker(queues, connection=queues[0].connection, name=name, threads=threads)
+    return Worker(
+        queues, connection=queues[0].connection, name=name, threads=threads, inline=inline
+    )
+
+
+# The class path earlier releases documented (`rqworker --worker-class
+# runs.worker.ThreadPoolWorker`, process-manager configs): the same worker.
+ThreadPoolWorker = Worker

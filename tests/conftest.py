@@ -222,7 +222,7 @@ def run_worker(redis_conn, monkeypatch):
     transaction (Django's test client skips the same call for the same reason)."""
 
     def burst() -> None:
-        build_worker(name=f"test-worker-{time.monotonic_ns()}").work(burst=True)
+        build_worker(name=f"test-worker-{time.monotonic_ns()}", inline=True).work(burst=True)
 
     def run() -> None:
         if not connection.in_atomic_block:

@@ -17,7 +17,7 @@ from jobs.flow import leases, rate_limits
 from jobs.flow.priorities import StarvationGuard
 from jobs.models import Job, JobEvent
 from runs import admission
-from runs.worker import ThreadPoolWorker, Worker
+from runs.worker import Worker
 from tests.factories import submit
 from tests.helpers import occupy, spawn, wait_for, worker_env
 
@@ -205,16 +205,15 @@ def test_starvation_guard_serves_low_under_sustained_high_load():
     assert taken[:5] == ["high", "high", "high", "high", "low"]
 
 
-@pytest.mark.parametrize("worker_class", [Worker, ThreadPoolWorker])
-def test_workers_take_low_while_high_is_still_full(redis_conn, settings, worker_class):
+@pytest.mark.parametrize("inline", [True, False])
+def test_workers_take_low_while_high_is_still_full(redis_conn, settings, inline):
     settings.AIQUEUE_STARVATION_GUARD_EVERY = 2
     queues = [django_rq.get_queue(name) for name in ("high", "default", "low")]
     for _ in range(6):
         queues[0].enqueue("os.getpid", result_ttl=0)
     queues[2].enqueue("os.getpid", result_ttl=0)
 
-    options = {"threads": 1} if worker_class is ThreadPoolWorker else {}
-    worker_class(queues, connection=redis_conn, **options).work(burst=True, max_jobs=3)
+    Worker(queues, connection=redis_conn, threads=1, inline=inline).work(burst=True, max_jobs=3)
 
     assert len(queues[2]) == 0
     assert len(queues[0]) == 4

@@ -328,14 +328,15 @@ def test_cancelling_a_document_cancels_its_chunks_before_they_call(
 ):
     paragraphs = [f"Clause {i}: the carrier is liable for loss. " * 3 for i in range(6)]
     job = submit_document(digest, user, paragraphs)
-    build_worker(name="split-only").work(burst=True, max_jobs=1)  # the split, no chunk yet
+    # The split, no chunk yet.
+    build_worker(name="split-only", inline=True).work(burst=True, max_jobs=1)
     job.refresh_from_db()
     assert job.status == "waiting"
     chunks = job.children.count()
     assert chunks >= 3
 
     assert services.do_cancel_job(job, actor=user, reason="wrong file")
-    build_worker(name="after-cancel").work(burst=True)
+    build_worker(name="after-cancel", inline=True).work(burst=True)
 
     assert simulator.counters()["requests_total"] == 0  # no chunk made its call
     statuses = set(job.children.values_list("status", flat=True))
@@ -409,11 +410,11 @@ def test_a_document_past_its_deadline_expires_with_its_chunks(redis_conn, digest
     job, _ = services.do_submit_document(
         workload=digest, document=document, user=user, deadline=deadline
     )
-    build_worker(name="split-only").work(burst=True, max_jobs=1)
+    build_worker(name="split-only", inline=True).work(burst=True, max_jobs=1)
     Job.objects.filter(pk=job.pk).update(deadline=timezone.now() - timedelta(seconds=1))
 
     reconcile.run()
-    build_worker(name="after-expiry").work(burst=True)
+    build_worker(name="after-expiry", inline=True).work(burst=True)
 
     job.refresh_from_db()
     assert job.status == "expired"

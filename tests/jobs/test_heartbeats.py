@@ -55,7 +55,7 @@ def test_a_beat_refreshes_the_running_and_tells_the_others_to_stop(workload, use
     assert calls == [("beat", "running")]
 
 
-def test_a_run_with_no_worker_wide_heartbeat_beats_alone_the_same_way(
+def test_a_run_outside_the_worker_is_beaten_by_the_process_heartbeat(
     workload, user, settings, transactional_db
 ):
     settings.AIQUEUE_HEARTBEAT_INTERVAL = 0.1
@@ -63,10 +63,16 @@ def test_a_run_with_no_worker_wide_heartbeat_beats_alone_the_same_way(
     long_ago = timezone.now() - timedelta(minutes=5)
     Job.objects.filter(pk=job.pk).update(heartbeat_at=long_ago)
     lost = threading.Event()
-    with heartbeats.beating_alone(job.pk, token, on_lost=lambda why: lost.set()):
+    heartbeats.install(None)
+    beats = heartbeats.for_this_process()
+    try:
+        assert heartbeats.for_this_process() is beats  # one per process
+        beats.add(job.pk, token, on_lost=lambda why: lost.set())
         wait_for(lambda: Job.objects.get(pk=job.pk).heartbeat_at > long_ago, timeout=5)
         assert services.do_cancel_job(job, actor=user)
-        assert lost.wait(timeout=5)  # told at its next beat, as in a threaded worker
+        assert lost.wait(timeout=5)  # told at its next beat, as inside the worker
+    finally:
+        heartbeats.install(None)
 
 
 def test_a_failing_callback_does_not_stop_the_other_runs_beats(workload, user):

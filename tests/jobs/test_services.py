@@ -158,7 +158,7 @@ def test_cancelling_a_job_a_worker_has_taken_leaves_its_rq_entry_to_the_worker(
 ):
     job = submit(workload, user, TEXT)
     # A threaded worker's main thread popped the id; the run has not started yet, so the
-    # entry still says queued (runs.worker.ThreadPoolWorker.execute_job).
+    # entry still says queued (runs.worker.Worker.execute_job).
     taken, rq_queue = rq.Queue.dequeue_any(
         [queueing.queue(job.priority)], None, connection=queueing.connection()
     )
@@ -168,7 +168,7 @@ def test_cancelling_a_job_a_worker_has_taken_leaves_its_rq_entry_to_the_worker(
 
     # The entry is the worker's: deleting it under the run made RQ's own cleanup fail.
     assert taken.get_status() == "queued"
-    build_worker(name="test-worker-taken").execute_job(taken, rq_queue)
+    build_worker(name="test-worker-taken", inline=True).execute_job(taken, rq_queue)
     job.refresh_from_db()
     assert job.status == "cancelled"
     assert simulator.counters()["requests_total"] == 0

@@ -1,4 +1,4 @@
-"""The threaded worker (runs.worker.ThreadPoolWorker), as real `manage.py worker` processes
+"""The worker (runs.worker.Worker), as real `manage.py worker` processes
 on the suite's Redis and test database, calling the simulator over HTTP."""
 
 from __future__ import annotations
@@ -185,12 +185,12 @@ def test_more_threads_than_redis_py_allows_by_default_all_get_a_connection(redis
     # redis-py refuses a 101st connection per pool (MaxConnectionsError); a job thread can
     # hold two at once. 120 threads, each holding a connection for 1 s at the same moment:
     # every job must run and the worker must survive.
-    from runs.worker import ThreadPoolWorker
+    from runs.worker import Worker
 
     queue = django_rq.get_queue("default")
     for _ in range(120):
         queue.enqueue("tests.jobs.worker_tasks.hold_redis", 1, result_ttl=0)
-    worker = ThreadPoolWorker([queue], connection=queue.connection, threads=120)
+    worker = Worker([queue], connection=queue.connection, threads=120)
     worker.work(burst=True, with_scheduler=False)
     assert int(redis_conn.get("aiqueue:test:held")) == 120
     assert queue.failed_job_registry.count == 0
@@ -202,7 +202,7 @@ def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn,
     # hands out every job); the threaded worker's key is kept alive by its monitor instead.
     from rq.worker.base import BaseWorker
 
-    from runs.worker import ThreadPoolWorker
+    from runs.worker import Worker
 
     beats = []
     original = BaseWorker.heartbeat
@@ -216,7 +216,7 @@ def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn,
     queue = django_rq.get_queue("default")
     for _ in range(60):
         queue.enqueue("os.getpid", result_ttl=0)
-    worker = ThreadPoolWorker([queue], connection=queue.connection, threads=4)
+    worker = Worker([queue], connection=queue.connection, threads=4)
     started = time.monotonic()
     worker.work(burst=True, with_scheduler=False)
     seconds = time.monotonic() - started
@@ -228,12 +228,12 @@ def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn,
 def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
     from rq.suspension import suspend
 
-    from runs.worker import ThreadPoolWorker
+    from runs.worker import Worker
 
     queue = django_rq.get_queue("default")
     queue.enqueue("os.getpid", result_ttl=0)
     suspend(redis_conn)
-    worker = ThreadPoolWorker([queue], connection=queue.connection, threads=4)
+    worker = Worker([queue], connection=queue.connection, threads=4)
     worker.work(burst=True, with_scheduler=False)
     assert queue.count == 1
 
@@ -299,3 +299,33 @@ def test_reconciler_leaves_a_job_that_was_parked_again_while_it_looked(
     assert job.status == "waiting"
     assert job.wait_reason == "rate limited by provider"
     assert not job.events.filter(reason__startswith="woken by the reconciler").exists()
+
+
+def test_the_project_has_one_worker_class():
+    """One worker class (runs.worker.Worker): every module of the project is imported, and
+    the RQ worker classes it defines are counted. ThreadPoolWorker is the old path's alias."""
+    import importlib
+    import pkgutil
+
+    from rq.worker import BaseWorker
+
+    import runs.worker
+
+    for package in ("aiqueue", "jobs", "review", "batches", "runs", "ops"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if ".migrations." not in info.name:
+                importlib.import_module(info.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    ours = {
+        f"{cls.__module__}.{cls.__qualname__}"
+        for cls in subclasses(BaseWorker)
+        if cls.__module__.split(".")[0] in {"aiqueue", "jobs", "review", "batches", "runs", "ops"}
+    }
+    assert ours == {"runs.worker.Worker"}
+    assert runs.worker.ThreadPoolWorker is runs.worker.Worker
