@@ -1,6 +1,11 @@
-"""Server-rendered line charts as inline SVG: no JavaScript, nothing for the strict CSP to
-block (SVG presentation attributes are not inline styles), and the same markup serves the
-first page load and every live refresh of the dashboard."""
+"""The dashboard's charts: what each one plots, as data for the vendored uPlot
+(static/vendor/uplot, drawn by static/js/charts.js: axes, hover values, drag to zoom), and the
+latest value and peak of each line as text, which the page shows with or without JavaScript.
+
+The data travels in the page as JSON (`json_script`, which the CSP allows: it is not run), so
+the first load and every live refresh of the dashboard carry the same figures as the tiles
+around them, from the same snapshot.
+"""
 
 from __future__ import annotations
 
@@ -9,41 +14,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
-WIDTH = 600
-HEIGHT = 140
-PAD_LEFT = 4
-PAD_TOP = 8
-PAD_BOTTOM = 4
-
 Number = float | int | Decimal | None
+
+# How the charts may be split (?split=): one line per total, per workload or per provider.
+SPLITS = {"total": "Total", "workload": "Per workload", "provider": "Per provider"}
 
 
 @dataclass
 class Line:
     label: str
-    css_class: str
-    points: str  # "x,y x,y …" in the chart's viewBox; None values break nothing, they are skipped
+    values: list[float | None]
     last: str  # the latest value, formatted
-    dot: bool = False  # one point only: drawn as a dot (a polyline of one point shows nothing)
 
 
 @dataclass
 class Chart:
+    key: str
     title: str
     unit: str
     lines: list[Line]
     max_label: str
-    start_label: str
-    end_label: str
-    width: int = WIDTH
-    height: int = HEIGHT
+    note: str = ""  # said under the title, e.g. why a chart is not split
 
-    @property
-    def view_box(self) -> str:
-        return f"0 0 {self.width} {self.height}"
+    def data(self) -> dict:
+        return {
+            "title": self.title,
+            "unit": self.unit,
+            "series": [{"label": line.label, "values": line.values} for line in self.lines],
+        }
 
 
-def _fmt(value: float, unit: str) -> str:
+def fmt(value: float, unit: str) -> str:
+    """A value with its unit, as the legend and the axis of static/js/charts.js show it."""
     if unit == "$":
         return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
     if value >= 100 or value == int(value):
@@ -52,46 +54,27 @@ def _fmt(value: float, unit: str) -> str:
 
 
 def line_chart(
+    key: str,
     title: str,
     unit: str,
-    starts: Sequence[dt.datetime],
-    lines: Sequence[tuple[str, str, Sequence[Number]]],
+    lines: Sequence[tuple[str, Sequence[Number]]],
     *,
-    time_format: str = "%H:%M",
+    note: str = "",
 ) -> Chart:
-    """One chart of several lines over the same buckets. `lines` are (label, css class, values)."""
-    floats = [[None if v is None else float(v) for v in values] for _label, _cls, values in lines]
-    peak = max((v for values in floats for v in values if v is not None), default=0.0)
-    top = peak if peak > 0 else 1.0
-    n = max(len(starts), 2)
-    plot_h = HEIGHT - PAD_TOP - PAD_BOTTOM
+    """One chart of several lines over the same buckets; `lines` are (label, values), a None
+    value a bucket with nothing to show (drawn as a gap)."""
     built = []
-    for (label, css_class, _values), values in zip(lines, floats, strict=True):
-        coords = []
-        for i, value in enumerate(values):
-            if value is None:
-                continue
-            x = PAD_LEFT + i * (WIDTH - PAD_LEFT) / (n - 1)
-            y = PAD_TOP + plot_h * (1 - value / top)
-            coords.append(f"{x:.1f},{y:.1f}")
-        latest = next((v for v in reversed(values) if v is not None), None)
-        dot = len(coords) == 1
-        if dot:
-            coords.append(coords[0])  # a zero-length segment: its round caps draw the dot
-        built.append(
-            Line(
-                label=label,
-                css_class=css_class,
-                points=" ".join(coords),
-                last="–" if latest is None else _fmt(latest, unit),
-                dot=dot,
-            )
-        )
-    return Chart(
-        title=title,
-        unit=unit,
-        lines=built,
-        max_label=_fmt(peak, unit),
-        start_label=starts[0].strftime(time_format) if starts else "",
-        end_label="now",
-    )
+    for label, values in lines:
+        floats = [None if v is None else float(v) for v in values]
+        latest = next((v for v in reversed(floats) if v is not None), None)
+        built.append(Line(label, floats, "–" if latest is None else fmt(latest, unit)))
+    peak = max((v for line in built for v in line.values if v is not None), default=0.0)
+    return Chart(key, title, unit, built, fmt(peak, unit), note)
+
+
+def payload(starts: Sequence[dt.datetime], charts: Sequence[Chart]) -> dict:
+    """What static/js/charts.js reads: the bucket starts (Unix seconds) and each chart's lines."""
+    return {
+        "x": [int(start.timestamp()) for start in starts],
+        "charts": {chart.key: chart.data() for chart in charts},
+    }

@@ -33,7 +33,7 @@ from jobs.models import Job, Workload
 from ops import charts, stats
 
 PARTS = ("job-counters", "dashboard-live", "recent-jobs")
-SPANS = {"hour": ("Last hour", "%H:%M"), "day": ("Last day", "%H:%M")}
+SPANS = {"hour": "Last hour", "day": "Last day"}
 
 
 def can_view_health(user) -> bool:
@@ -116,13 +116,19 @@ def forget_snapshots() -> None:
 
 def health_context(request: HttpRequest) -> dict[str, Any]:
     span = requested_span(request)
+    split = requested_split(request)
     snap = recent_snapshot(span)
     can = permissions(request.user)
+    series = snap.series[span]
+    trend_charts = build_charts(series, split)
     return {
         "snap": snap,
         "span": span,
-        "spans": [(key, label) for key, (label, _fmt) in SPANS.items()],
-        "charts": build_charts(snap.series[span], SPANS[span][1]),
+        "spans": list(SPANS.items()),
+        "split": split,
+        "splits": list(charts.SPLITS.items()),
+        "charts": trend_charts,
+        "chart_data": charts.payload(series.starts, trend_charts),
         "can": can,
         "simulator": operator.simulator_state() if can["providers"] else None,
         "actions": operator.recent_actions(),
@@ -140,40 +146,57 @@ def health_context(request: HttpRequest) -> dict[str, Any]:
     }
 
 
-def build_charts(series: stats.Series, time_format: str) -> list[charts.Chart]:
+def requested_split(request: HttpRequest) -> str:
+    split = request.GET.get("split", "total")
+    return split if split in charts.SPLITS else "total"
+
+
+# Per split: (chart key, title, unit, the Series.by_<split> entry it plots).
+SPLIT_CHARTS = {
+    "workload": [
+        ("throughput", "Jobs finished", "/min", "throughput"),
+        ("latency", "Run time p95", " s", "run_time_p95"),
+        ("spend", "Spend", "$", "spend"),
+    ],
+    "provider": [
+        ("throughput", "Provider calls", "/min", "calls"),
+        ("latency", "Call time p95", " s", "call_time_p95"),
+        ("spend", "Spend", "$", "spend"),
+    ],
+}
+
+
+def build_charts(series: stats.Series, split: str = "total") -> list[charts.Chart]:
+    """The four trend charts, one line per total, per workload or per provider."""
+    if split in SPLIT_CHARTS:
+        by = series.by_workload if split == "workload" else series.by_provider
+        return [
+            *(
+                charts.line_chart(key, title, unit, by[entry].items())
+                for key, title, unit, entry in SPLIT_CHARTS[split]
+            ),
+            _depth_chart(series, note=f"all {split}s: depth is not split"),
+        ]
     return [
         charts.line_chart(
-            "Throughput",
-            "/min",
-            series.starts,
-            [("jobs finished per minute", "line-a", series.throughput)],
-            time_format=time_format,
+            "throughput", "Throughput", "/min", [("jobs finished", series.throughput)]
         ),
         charts.line_chart(
+            "latency",
             "Latency p95",
             " s",
-            series.starts,
-            [
-                ("queue wait", "line-b", series.queue_wait_p95),
-                ("run time", "line-a", series.run_time_p95),
-            ],
-            time_format=time_format,
+            [("queue wait", series.queue_wait_p95), ("run time", series.run_time_p95)],
         ),
-        charts.line_chart(
-            "Spend",
-            "$",
-            series.starts,
-            [("USD per bucket", "line-c", series.spend)],
-            time_format=time_format,
-        ),
-        charts.line_chart(
-            "Queue depth",
-            "",
-            series.starts,
-            [
-                ("queued", "line-a", series.queued),
-                ("waiting + held", "line-b", series.backlog),
-            ],
-            time_format=time_format,
-        ),
+        charts.line_chart("spend", "Spend", "$", [("USD per bucket", series.spend)]),
+        _depth_chart(series),
     ]
+
+
+def _depth_chart(series: stats.Series, note: str = "") -> charts.Chart:
+    return charts.line_chart(
+        "depth",
+        "Queue depth",
+        "",
+        [("queued", series.queued), ("waiting + held", series.backlog)],
+        note=note,
+    )

@@ -436,6 +436,15 @@ class Series:
     spend: list[Decimal]  # USD per bucket
     queued: list[int]  # queued jobs at the end of each bucket
     backlog: list[int]  # waiting + held jobs at the end of each bucket
+    # The same buckets split by workload (jobs finished per minute, run time p95, spend) and
+    # by provider (calls started per minute, call duration p95, spend): name → values, the
+    # biggest SPLIT_LIMIT - 1 by volume and the rest summed as "others" (p95: left out).
+    by_workload: dict[str, dict[str, list]] = field(default_factory=dict)
+    by_provider: dict[str, dict[str, list]] = field(default_factory=dict)
+
+
+SPLIT_LIMIT = 8
+OTHERS = "others"
 
 
 SPANS = {
@@ -468,32 +477,59 @@ def series(span: str, now: dt.datetime | None = None) -> Series:
                 out[i] = value
         return out
 
+    def split(rows: Iterable[tuple[dt.datetime, str, Any]]) -> dict[str, dict[int, Any]]:
+        out: dict[str, dict[int, Any]] = defaultdict(dict)
+        for moment, name, value in rows:
+            i = index.get(floor_to(moment, bucket))
+            if i is not None:
+                out[name][i] = out[name].get(i, 0) + value
+        return out
+
     utc = dt.UTC
-    finished = keyed(
+    finished_by_workload = split(
         Job.objects.filter(finished_at__gte=since, finished_at__lte=now)
         .annotate(b=trunc("finished_at", tzinfo=utc))
         .order_by()
-        .values_list("b")
+        .values_list("b", "workload__name")
         .annotate(n=Count("id"))
     )
+    finished = _summed(finished_by_workload)
     minutes = bucket.total_seconds() / 60
-    spend = keyed(
+    attempts = (
         Attempt.objects.filter(started_at__gte=since, started_at__lte=now)
         .annotate(b=trunc("started_at", tzinfo=utc))
         .order_by()
-        .values_list("b")
-        .annotate(s=Sum("cost"))
     )
+    spend_by_workload = split(
+        attempts.values_list("b", "job__workload__name").annotate(s=Sum("cost"))
+    )
+    spend_by_provider = split(attempts.values_list("b", "provider__name").annotate(s=Sum("cost")))
+    calls_by_provider = split(attempts.values_list("b", "provider__name").annotate(n=Count("id")))
+    spend = _summed(spend_by_provider)
 
     run_samples: dict[int, list[float]] = defaultdict(list)
-    for started_at, finished_at in bounded(
+    run_samples_by_workload: dict[str, dict[int, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for started_at, finished_at, name in bounded(
         Job.objects.filter(
             finished_at__gte=since, finished_at__lte=now, started_at__isnull=False
         ).order_by()
-    ).values_list("started_at", "finished_at"):
+    ).values_list("started_at", "finished_at", "workload__name"):
         i = index.get(floor_to(finished_at, bucket))
         if i is not None:
-            run_samples[i].append((finished_at - started_at).total_seconds())
+            seconds = (finished_at - started_at).total_seconds()
+            run_samples[i].append(seconds)
+            run_samples_by_workload[name][i].append(seconds)
+    call_samples_by_provider: dict[str, dict[int, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for started_at, ended_at, name in bounded(
+        Attempt.objects.filter(ended_at__gte=since, ended_at__lte=now).order_by()
+    ).values_list("started_at", "ended_at", "provider__name"):
+        i = index.get(floor_to(ended_at, bucket))
+        if i is not None:
+            call_samples_by_provider[name][i].append((ended_at - started_at).total_seconds())
     wait_samples: dict[int, list[float]] = defaultdict(list)
     for queued_at, created_at, started_at in bounded(
         Job.objects.filter(started_at__gte=since, started_at__lte=now).order_by()
@@ -514,7 +550,53 @@ def series(span: str, now: dt.datetime | None = None) -> Series:
         spend=[Decimal(spend.get(i) or 0) for i in range(count)],
         queued=queued,
         backlog=backlog,
+        by_workload={
+            "throughput": _top(finished_by_workload, count, lambda n: n / minutes),
+            "spend": _top(spend_by_workload, count, Decimal),
+            "run_time_p95": _top_percentiles(run_samples_by_workload, finished_by_workload, count),
+        },
+        by_provider={
+            "calls": _top(calls_by_provider, count, lambda n: n / minutes),
+            "spend": _top(spend_by_provider, count, Decimal),
+            "call_time_p95": _top_percentiles(call_samples_by_provider, calls_by_provider, count),
+        },
     )
+
+
+def _summed(by_name: dict[str, dict[int, Any]]) -> dict[int, Any]:
+    total: dict[int, Any] = {}
+    for buckets in by_name.values():
+        for i, value in buckets.items():
+            total[i] = total.get(i, 0) + value
+    return total
+
+
+def _ranked(by_name: dict[str, dict[int, Any]]) -> list[str]:
+    return sorted(by_name, key=lambda name: (-sum(by_name[name].values()), name))
+
+
+def _top(by_name: dict[str, dict[int, Any]], count: int, convert) -> dict[str, list]:
+    """name → one value per bucket, the biggest names first, the tail summed as OTHERS."""
+    names = _ranked(by_name)
+    keep, rest = names[: SPLIT_LIMIT - 1], names[SPLIT_LIMIT - 1 :]
+    if len(rest) == 1:
+        keep, rest = names, []
+    out = {name: [convert(by_name[name].get(i, 0)) for i in range(count)] for name in keep}
+    if rest:
+        tail = _summed({name: by_name[name] for name in rest})
+        out[OTHERS] = [convert(tail.get(i, 0)) for i in range(count)]
+    return out
+
+
+def _top_percentiles(
+    samples: dict[str, dict[int, list[float]]], volume: dict[str, dict[int, Any]], count: int
+) -> dict[str, list]:
+    """The p95 of each of the biggest names by `volume` (a percentile of "others" would mean
+    nothing)."""
+    names = [name for name in _ranked(volume) if name in samples][:SPLIT_LIMIT]
+    return {
+        name: [percentile(samples[name].get(i, []), 95) for i in range(count)] for name in names
+    }
 
 
 def _depth_series(
