@@ -469,14 +469,6 @@ def series(span: str, now: dt.datetime | None = None) -> Series:
     since = starts[0]
     index = {start: i for i, start in enumerate(starts)}
 
-    def keyed(rows: Iterable[tuple[dt.datetime, Any]]) -> dict[int, Any]:
-        out = {}
-        for moment, value in rows:
-            i = index.get(floor_to(moment, bucket))
-            if i is not None:
-                out[i] = value
-        return out
-
     def split(rows: Iterable[tuple[dt.datetime, str, Any]]) -> dict[str, dict[int, Any]]:
         out: dict[str, dict[int, Any]] = defaultdict(dict)
         for moment, name, value in rows:

@@ -125,18 +125,15 @@ def for_this_process() -> RunHeartbeats:
 
     def loop() -> None:
         interval = settings.AIQUEUE_HEARTBEAT_INTERVAL
-        try:
-            while _active is beats:
-                time.sleep(interval)
-                try:
-                    beats.beat()
-                except Exception:
-                    log.exception("heartbeat of the runs in flight failed; next beat will retry")
-                finally:
-                    # Django connections are per thread: this one would otherwise leak.
-                    connection.close()
-        finally:
-            connection.close()
+        while _active is beats:
+            time.sleep(interval)
+            try:
+                beats.beat()
+            except Exception:
+                log.exception("heartbeat of the runs in flight failed; next beat will retry")
+            finally:
+                # Django connections are per thread: this one would otherwise leak.
+                connection.close()
 
     threading.Thread(target=loop, name="run-heartbeats", daemon=True).start()
     return beats
@@ -147,7 +144,3 @@ def install(beats: RunHeartbeats | None) -> None:
     global _active
     with _install_lock:
         _active = beats
-
-
-def active() -> RunHeartbeats | None:
-    return _active

@@ -246,6 +246,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
         self._slots = threading.Semaphore(self.threads)
         self._tasks: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._pool: list[threading.Thread] = []
+        self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._in_flight: dict[str, _InFlight] = {}
@@ -513,16 +514,15 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             self._tasks.put((job, queue))
 
     def _start_threads(self) -> None:
-        if self._pool or self._monitor_stop.is_set():
+        if self._monitor is not None or self._monitor_stop.is_set():
             return
         if not self.inline:
             for i in range(self.threads):
                 thread = threading.Thread(target=self._thread_main, name=f"job-{i}", daemon=True)
                 thread.start()
                 self._pool.append(thread)
-        monitor = threading.Thread(target=self._monitor_main, name="monitor", daemon=True)
-        monitor.start()
-        self._pool.append(monitor)
+        self._monitor = threading.Thread(target=self._monitor_main, name="monitor", daemon=True)
+        self._monitor.start()
 
     # --- running one job: a pool thread, or the caller's (inline) ---------------------------
     def _thread_main(self) -> None:
@@ -612,7 +612,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
 
     def teardown(self) -> None:
         self._drain()
-        for _ in range(len(self._pool)):
+        for _ in self._pool:
             self._tasks.put(None)
         self._monitor_stop.set()  # no beat may re-add an execution the hand-back dropped
         handed_back = self._hand_back()
