@@ -39,6 +39,8 @@ class ListBatcher:
         self._changed = threading.Condition()
         # job pk -> (created, the list groups that listen for it)
         self._pending: dict[int, tuple[bool, set[str]]] = {}
+        # When the pending set last went from empty to not: its frame is due one interval later.
+        self._opened = 0.0
         self._pid = 0
 
     def add(self, job, groups: list[str], *, created: bool = False) -> None:
@@ -58,16 +60,31 @@ class ListBatcher:
                 self._pending, self._pid = {}, os.getpid()
                 threading.Thread(target=self._run, name="live-lists", daemon=True).start()
                 atexit.register(self.flush)
-            was_created, listening = self._pending.get(job.pk, (False, set()))
-            self._pending[job.pk] = (was_created or created, listening | set(groups))
-            self._changed.notify()
+            self._note(job.pk, created, set(groups))
+
+    def _note(self, pk: int, created: bool, groups: set[str]) -> None:
+        """Add to the pending set; the caller holds the lock."""
+        if not self._pending:
+            self._opened = time.monotonic()
+        was_created, listening = self._pending.get(pk, (False, set()))
+        self._pending[pk] = (was_created or created, listening | groups)
+        self._changed.notify()
 
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._pending:
-                    self._changed.wait()
-            time.sleep(settings.AIQUEUE_LIVE_LIST_INTERVAL_MS / 1000)
+                # The interval counts from the first change of the pending set, not from
+                # whenever this thread last woke: a set flushed meanwhile (at exit, or by a
+                # caller) and filled again opens a window of its own.
+                while True:
+                    if not self._pending:
+                        self._changed.wait()
+                        continue
+                    due = self._opened + settings.AIQUEUE_LIVE_LIST_INTERVAL_MS / 1000
+                    delay = due - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._changed.wait(delay)
             self.flush()
 
     def flush(self) -> None:
@@ -88,9 +105,7 @@ class ListBatcher:
             # Rendered afresh next time: a lost frame must not leave a list on an old state.
             with self._changed:
                 for pk, (created, groups) in pending.items():
-                    was_created, listening = self._pending.get(pk, (False, set()))
-                    self._pending[pk] = (was_created or created, listening | groups)
-                self._changed.notify()
+                    self._note(pk, created, groups)
 
 
 def render_frames(pending: dict[int, tuple[bool, set[str]]]) -> list[tuple[str, dict[str, Any]]]:

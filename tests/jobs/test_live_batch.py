@@ -4,23 +4,27 @@ changed, and the list's counters once (jobs.live_batch)."""
 from __future__ import annotations
 
 import re
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 from channels.db import database_sync_to_async
 
-from jobs import services
+from jobs import live, live_batch, services
 from tests.factories import submit
 from tests.helpers import communicator, run, session_cookie
 
-pytestmark = pytest.mark.django_db(transaction=True)
 
-
+@pytest.mark.django_db(transaction=True)
 def test_a_list_socket_receives_one_frame_with_every_changed_rows_final_state(
     redis_conn, client, workload, user, settings
 ):
     # Long enough that every change below falls into one interval, even on a loaded machine
     # (at 3 s, CI once saw a frame sent before the last cancel).
     settings.AIQUEUE_LIVE_LIST_INTERVAL_MS = 8000
+    # An earlier test's change may still be pending: it must not open this test's window.
+    live_batch.batcher.flush()
     cookie = session_cookie(client, user)
 
     def burst() -> list:
@@ -47,6 +51,35 @@ def test_a_list_socket_receives_one_frame_with_every_changed_rows_final_state(
         assert 'data-status="cancelled"' in row  # its final state, not "queued"
     assert frame.count('id="job-counters"') == 1
     assert frame.count('id="job-list-new"') == 1
+
+
+def test_the_interval_counts_from_the_first_change_after_a_flush(monkeypatch, settings):
+    """A window is opened by the change that finds nothing pending: changes made after a flush
+    (at exit, or a caller's) wait a whole interval, so they are not sent early, one by one, by
+    a wake-up the flushed set had scheduled."""
+    settings.AIQUEUE_LIVE_LIST_INTERVAL_MS = 600
+    frames: list[tuple[float, list[int]]] = []
+    sent = threading.Event()
+    monkeypatch.setattr(live_batch, "render_frames", lambda pending: sorted(pending))
+
+    def send(rendered):
+        frames.append((time.monotonic(), rendered))
+        sent.set()
+        return True
+
+    monkeypatch.setattr(live, "send", send)
+    batcher = live_batch.ListBatcher()
+    batcher.add(SimpleNamespace(pk=1), ["jobs.all"])
+    time.sleep(0.3)
+    batcher.flush()  # sends job 1; the thread's wake-up for it is still due at 0.6 s
+    time.sleep(0.1)
+    opened = time.monotonic()
+    sent.clear()
+    batcher.add(SimpleNamespace(pk=2), ["jobs.all"])
+    batcher.add(SimpleNamespace(pk=3), ["jobs.all"])
+    assert sent.wait(timeout=10)
+    assert [rows for _, rows in frames] == [[1], [2, 3]]  # the later two in one frame
+    assert frames[1][0] - opened >= 0.6  # a whole interval after the first of them
 
 
 def _result(coroutine_function):
