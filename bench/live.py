@@ -27,9 +27,10 @@ The burst scenario: `--lists` job-list sockets and `--pages` job-page sockets op
 `--jobs` API submissions arrive (20 senders) and two workers run them. Every 100 ms this
 process changes one watched job (a progress message carrying a probe number): a job page's
 latency is from that change to its page receiving it. Per list socket: frames per second over
-the burst, and whether the last frame carried every job's final state. Run twice in one
-invocation, a frame per change (AIQUEUE_LIVE_LIST_INTERVAL_MS=0, as before) beside coalesced
-frames (250 ms).
+the burst, whether the page ends on every job's final state (per job, the newest row it was
+sent, by the row's data-version, as static/js/live.js applies them), and sockets that closed
+under the burst. Run twice in one invocation, a frame per change
+(AIQUEUE_LIVE_LIST_INTERVAL_MS=0, as before) beside coalesced frames (250 ms).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Stack, percentile, print_table  # noqa: E402
 
 WARMUP = 20
+CLOSED = "closed: "  # what the burst's collector records when a socket closes under it
 
 
 def client_process(url: str, cookie: str, origin: str, pipe) -> None:
@@ -125,7 +127,9 @@ def collector_process(urls: list[str], cookie: str, origin: str, pipe) -> None:
                 arrived = time.perf_counter()
                 with lock:
                     received.append((index, arrived, message))
-        except Exception:  # noqa: BLE001 - the socket closed at the end
+        except Exception as error:  # noqa: BLE001 - the socket closed
+            with lock:
+                received.append((index, time.perf_counter(), f"{CLOSED}{error!r}"))
             return
 
     threads = [
@@ -262,8 +266,12 @@ def burst_run(interval_ms: int, jobs: int, lists: int, pages: int) -> dict:
                 break
     seconds = ended - started
     frames = [0] * lists
-    last_status: list[dict[str, str]] = [{} for _ in range(lists)]
+    # What each list page shows at the end: per job, the newest row it received (the highest
+    # data-version; of equal ones the later), as static/js/live.js swaps them.
+    shown: list[dict[str, tuple[int, str]]] = [{} for _ in range(lists)]
     status_of = re.compile(r'data-status="(\w+)"')
+    version_of = re.compile(r'data-version="(\d+)"')
+    closed = sum(text.startswith(CLOSED) for _, arrived, text in received if arrived <= ended)
     for index, arrived, text in received:
         if index >= lists:
             continue
@@ -271,11 +279,15 @@ def burst_run(interval_ms: int, jobs: int, lists: int, pages: int) -> dict:
             frames[index] += 1
         for piece in text.split('<tr id="job-row-')[1:]:
             code, rest = piece.split('"', 1)
-            found = status_of.search(rest[: rest.find("</tr>")])
-            if found:
-                last_status[index][code] = found.group(1)
+            row = rest[: rest.find("</tr>")]
+            found, version = status_of.search(row), version_of.search(row)
+            if found and version:
+                seen = shown[index].get(code)
+                if seen is None or int(version.group(1)) >= seen[0]:
+                    shown[index][code] = (int(version.group(1)), found.group(1))
     complete = sum(
-        all(seen.get(code) == status for code, status in final.items()) for seen in last_status
+        all(seen.get(code, (0, ""))[1] == status for code, status in final.items())
+        for seen in shown
     )
     return {
         "interval": interval_ms,
@@ -287,6 +299,7 @@ def burst_run(interval_ms: int, jobs: int, lists: int, pages: int) -> dict:
         "frames_per_s": sum(frames) / lists / seconds,
         "complete": complete,
         "lists": lists,
+        "closed": closed,
     }
 
 
@@ -313,11 +326,12 @@ def burst_main(args) -> None:
                 result["p95"],
                 f"{result['frames_per_s']:.1f}",
                 f"{result['complete']} / {result['lists']}",
+                result["closed"],
             )
         )
     print_table(
         ["list updates", "jobs", "burst s", "probes", "job page p50 ms", "p95 ms",
-         "frames/s per list", "lists with every final state"],
+         "frames/s per list", "lists with every final state", "sockets dropped"],
         rows,
         title=f"live under a burst: {args.jobs} API submissions, {args.lists} list sockets, "
         f"{args.pages} job-page sockets",

@@ -10,7 +10,7 @@ import hashlib
 import re
 import secrets
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import jsonschema
@@ -23,6 +23,8 @@ from django.utils import timezone
 
 from jobs.provider_keys import HELP_TEXT as KEY_VAR_HELP_TEXT
 from jobs.provider_keys import validate_key_var
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 MILLION = Decimal(1_000_000)
 
@@ -606,6 +608,15 @@ class Job(models.Model):
         """What the job cost: its own calls plus, for a document, every chunk's calls."""
         children = self.children.aggregate(total=models.Sum("cost_actual"))["total"]
         return (self.cost_actual or Decimal(0)) + (children or Decimal(0))
+
+    @property
+    def live_version(self) -> int:
+        """Which of two renders of this job is newer: its last change in microseconds since
+        the epoch (every transition sets `updated_at`). Live rows carry it, and a page never
+        swaps an older row over a newer one (static/js/live.js): the web process and the
+        workers each send rows, rendered when they send, and one may arrive after another's
+        newer render."""
+        return (self.updated_at - EPOCH) // timedelta(microseconds=1)
 
     @property
     def listed_cost_value(self) -> Decimal:

@@ -87,14 +87,24 @@
   // A list socket carries the rows of every job its viewer may see, but a page shows one
   // filtered page of them (and a new job has no row until the table is fetched again): a
   // fragment whose target is not on this page is dropped instead of failing its out-of-band
-  // swap (htmx:oobErrorNoTarget). Only for socket messages; HTTP responses pass unchanged.
+  // swap (htmx:oobErrorNoTarget). So is a row older than the one shown (data-version, the
+  // job's last change): the web process and the workers each push rows, and one rendered
+  // earlier may arrive later. Only for socket messages; HTTP responses pass unchanged.
+  function older(fragment, shown) {
+    var fresh = fragment.getAttribute("data-version");
+    var current = shown.getAttribute("data-version");
+    return fresh !== null && current !== null && Number(fresh) < Number(current);
+  }
+
   htmx.defineExtension("live-targets", {
     transformResponse: function (text, xhr) {
       if (xhr) return text;
       var holder = document.createElement("template");
       holder.innerHTML = text;
       Array.prototype.slice.call(holder.content.children).forEach(function (fragment) {
-        if (fragment.id && !document.getElementById(fragment.id)) fragment.remove();
+        if (!fragment.id) return;
+        var shown = document.getElementById(fragment.id);
+        if (!shown || older(fragment, shown)) fragment.remove();
       });
       return holder.innerHTML;
     }

@@ -10,7 +10,8 @@ from django.contrib.auth.models import Permission, User
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from jobs import queueing, services
+from jobs import live, queueing, services
+from jobs.models import Job
 from tests.browser.pages import TEXT, log_in, open_live_page, submit_held_back, wait_for_status
 from tests.factories import submit
 
@@ -213,3 +214,35 @@ def test_other_user_cannot_subscribe_to_a_job_and_foreign_origins_are_refused(
     )
     page.goto("http://evil.example/")
     assert page.evaluate(close_code, f"{ws_base}/ws/jobs/") == 1006
+
+
+def test_a_row_rendered_earlier_but_arriving_later_does_not_put_an_old_state_back(
+    live_app, page, user, workload, monkeypatch
+):
+    """The web process and the workers each push rows, rendered when they send: a row of the
+    job as it was (queued) can arrive after one of it as it is (cancelled). The page keeps the
+    newer one (data-version, static/js/live.js)."""
+    job, other = (submit_held_back(workload, user, monkeypatch) for _ in range(2))
+    as_it_was = Job.objects.get(pk=job.pk)
+    log_in(page, live_app, "alice", "pw-alice-123")
+    open_live_page(page, f"{live_app.url}/jobs/")
+    row = page.locator(f"#job-row-{job.code} .badge")
+    expect(row).to_have_text("Queued")
+
+    services.do_cancel_job(job, actor=user)
+    expect(row).to_have_text("Cancelled")
+
+    def push(rendered: Job) -> None:
+        assert live.send(
+            [
+                (group, {"type": "jobs.update", "items": [message["parts"]]})
+                for group, message in live.render_list_updates(rendered)
+            ]
+        )
+
+    push(as_it_was)  # the late one: queued, rendered before the cancel
+    services.do_cancel_job(other, actor=user)  # then a frame of another row, on the same socket
+    expect(page.locator(f"#job-row-{other.code} .badge")).to_have_text("Cancelled")
+    # Frames on one socket arrive in order: the stale row came before the other's and was dropped.
+    expect(row).to_have_text("Cancelled")
+    assert as_it_was.live_version < Job.objects.get(pk=job.pk).live_version
