@@ -25,7 +25,10 @@ from datetime import timedelta
 
 import httpx
 import rq
+import rq.exceptions
+import rq.job
 from django.conf import settings
+from django.db import models
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -130,10 +133,14 @@ def queue() -> rq.Queue:
     return rq.Queue(QUEUE, connection=queueing.connection())
 
 
+def _rq_id(delivery: WebhookDelivery) -> str:
+    return f"webhook-{delivery.code}-{delivery.attempts}"
+
+
 def enqueue(delivery: WebhookDelivery, delay: float = 0) -> None:
     """Put the delivery's next attempt on the webhook queue, now or after `delay` seconds (RQ's
     scheduler, run by the webhook worker, moves it to the queue then)."""
-    job_id = f"webhook-{delivery.code}-{delivery.attempts}"
+    job_id = _rq_id(delivery)
     if delay <= 0:
         queue().enqueue(deliver, delivery.pk, job_id=job_id, result_ttl=0, failure_ttl=86400)
     else:
@@ -219,6 +226,45 @@ def deliver(delivery_id: int) -> str:
     if delay is not None:
         enqueue(delivery, delay)
     return delivery.status
+
+
+# A pending attempt whose time is this far past and which Redis does not hold (queued,
+# scheduled or running) was lost: Redis restarted or was wiped, or the process that recorded
+# it died between the row and the enqueue. Longer than a delivery's own timeout, so an attempt
+# a worker is making now is never doubled.
+LOST_AFTER_S = 60
+SWEEP_BATCH = 500
+
+
+def requeue_lost(now=None) -> int:
+    """The reconciler's pass for webhooks: enqueue again every pending delivery whose attempt
+    Redis lost. A receiver may then see an attempt twice (the first got through but its
+    worker died before recording it): deliveries are at least once, and each carries its
+    `Aiqueue-Delivery` id for the receiver to drop repeats (docs/deploy.md)."""
+    now = now or timezone.now()
+    late = now - timedelta(seconds=LOST_AFTER_S)
+    pending = (
+        WebhookDelivery.objects.filter(status=WebhookDelivery.Status.PENDING)
+        .filter(
+            models.Q(next_attempt_at__lt=late)
+            | models.Q(next_attempt_at__isnull=True, created_at__lt=late)
+        )
+        .filter(webhook__is_active=True)
+        .order_by("created_at")[:SWEEP_BATCH]
+    )
+    connection = queueing.connection()
+    alive = {rq.job.JobStatus.QUEUED, rq.job.JobStatus.SCHEDULED, rq.job.JobStatus.STARTED}
+    requeued = 0
+    for delivery in pending:
+        try:
+            status = rq.job.Job.fetch(_rq_id(delivery), connection=connection).get_status()
+        except rq.exceptions.NoSuchJobError:
+            status = None
+        if status in alive:
+            continue
+        enqueue(delivery)
+        requeued += 1
+    return requeued
 
 
 def redeliver(delivery: WebhookDelivery) -> None:

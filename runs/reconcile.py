@@ -15,7 +15,8 @@ flush, failover) and a worker can die mid-run. Each pass:
 5. charges as unknown the calls left in flight past their deadline by runs that ended;
 6. flow control (runs.admission.housekeeping): expires jobs past their deadline, releases
    budget reservations of jobs that ended without settling, starts new budget periods and
-   resumes held jobs that now fit.
+   resumes held jobs that now fit;
+7. enqueues again the webhook deliveries whose pending attempt Redis lost (jobs.webhooks).
 
 It is idempotent and safe to run from several processes at once: recovery is a
 compare-and-set on the row, and an enqueue of a job that is already queued only overwrites its
@@ -33,7 +34,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from batches import services as batch_services
-from jobs import ledger, processes, queueing, services
+from jobs import ledger, processes, queueing, services, webhooks
 from jobs.models import Job
 from review import services as review_services
 from runs import admission, capacity_waiters
@@ -59,6 +60,7 @@ class Report:
     expired: int = 0
     reservations_released: int = 0
     unheld: int = 0
+    webhooks_requeued: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -78,6 +80,7 @@ def run() -> Report:
     report.reservations_released = flow.reservations_released
     report.unheld = flow.unheld
     _admit_batches()
+    report.webhooks_requeued = webhooks.requeue_lost(now)
     if any(report.as_dict().values()):
         log.warning("reconciler: %s", report.as_dict())
     return report

@@ -485,6 +485,10 @@ class Worker(StarvationGuardMixin, SimpleWorker):
                     self.reorder_queues(reference_queue=queue)
                     job.redis_server_version = self.get_redis_server_version()
                     self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.id)
+                elif timeout is None and self._wait_for_one_to_finish():
+                    # A burst ends when the queues are empty and nothing runs: a job still in
+                    # flight may yet enqueue more (a retry, a dependent, a document's chunks).
+                    continue
                 self._loop_gate.succeeded()
                 return result
             except DequeueTimeout:
@@ -493,6 +497,16 @@ class Worker(StarvationGuardMixin, SimpleWorker):
                 self._loop_gate.failed("waiting for a job", exc)
                 continue
             self._loop_gate.succeeded()
+
+    def _wait_for_one_to_finish(self) -> bool:
+        """Wait until a job in flight ends (or a stop is asked); False if none was running."""
+        with self._lock:
+            running = len(self._in_flight)
+            if not running:
+                return False
+            while len(self._in_flight) >= running and not self._stop_requested:
+                self._changed.wait(timeout=0.2)
+        return True
 
     def _drain_requested(self) -> bool:
         if time.monotonic() - self._drain_checked >= 1:

@@ -107,6 +107,33 @@ def test_a_receiver_that_keeps_failing_is_given_up_on_then_sent_again_from_the_a
     assert len(target.received) == 4
 
 
+def test_a_delivery_whose_attempt_redis_lost_is_sent_by_the_reconciler_once(
+    redis_conn, workload, user, receiver, hook_for
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runs import reconcile
+
+    target = receiver()
+    hook_for(target.url)
+    job = services.do_submit_job(workload=workload, input_text="x", user=user)[0]
+    services.do_cancel_job(job, actor=user)
+    delivery = WebhookDelivery.objects.get()
+    # Long enough ago to be late; its attempt is still on the queue, so no second one is added.
+    WebhookDelivery.objects.update(created_at=timezone.now() - timedelta(minutes=5))
+    assert reconcile.run().webhooks_requeued == 0
+    assert redis_conn.llen(f"rq:queue:{webhooks.QUEUE}") == 1
+
+    redis_conn.flushdb()  # Redis restarted without its data: the attempt is gone
+    assert reconcile.run().webhooks_requeued == 1
+    deliver_all()  # its maintenance pass reconciles too: the attempt is on the queue, not added
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts, len(target.received)) == ("delivered", 1, 1)
+    assert reconcile.run().webhooks_requeued == 0  # delivered: nothing more to send
+
+
 def test_a_dead_receiver_never_holds_up_the_job(redis_conn, workload, user, run_worker, hook_for):
     hook_for("http://127.0.0.1:9/nobody")  # the discard port: nothing listens
     job = services.do_submit_job(workload=workload, input_text="A note.", user=user)[0]

@@ -225,6 +225,21 @@ def test_handing_out_jobs_beats_for_the_worker_at_most_once_a_second(redis_conn,
     assert len(beats) <= seconds + 3  # was 120 for 60 jobs
 
 
+def test_a_burst_runs_what_a_job_in_flight_enqueues_before_it_ends(redis_conn):
+    # With four threads the queue is empty while the first job still runs; the burst must not
+    # end then, or what it enqueues (a webhook's retry, a dependent) waits for the next worker.
+    from rq.job import Job as RQJob
+
+    from runs.worker import Worker
+
+    queue = django_rq.get_queue("default")
+    queue.enqueue("tests.jobs.worker_tasks.enqueue_later", 0.5, "the-next-one", result_ttl=0)
+    worker = Worker([queue], connection=queue.connection, threads=4)
+    worker.work(burst=True, with_scheduler=False)
+    assert RQJob.fetch("the-next-one", connection=redis_conn).get_status() == JobStatus.FINISHED
+    assert queue.count == 0
+
+
 def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
     from rq.suspension import suspend
 
@@ -334,3 +349,38 @@ def test_the_project_has_one_worker_class():
     }
     assert ours == {"runs.worker.Worker"}
     assert runs.worker.ThreadPoolWorker is runs.worker.Worker
+    # ...and no other module runs one of RQ's stock worker classes instead (the webhook worker
+    # ran rq.SimpleWorker): no call of a worker class imported from rq outside runs/worker.py.
+    import ast
+    from pathlib import Path
+
+    def runs_a_stock_worker(tree) -> bool:
+        names = {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rq")
+            for alias in node.names
+            if alias.name.endswith("Worker")
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                if isinstance(func, ast.Name) and func.id in names:
+                    return True
+                if (
+                    isinstance(func, ast.Attribute)
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == "rq"
+                    and func.attr.endswith("Worker")
+                ):
+                    return True
+        return False
+
+    root = Path(runs.worker.__file__).resolve().parent.parent
+    running = {
+        str(path.relative_to(root))
+        for package in ("aiqueue", "jobs", "review", "batches", "runs", "ops")
+        for path in (root / package).rglob("*.py")
+        if runs_a_stock_worker(ast.parse(path.read_text()))
+    }
+    assert running == set()

@@ -24,3 +24,16 @@ def hold_redis(seconds: float) -> str:
     client.blpop(["aiqueue:test:nothing"], timeout=seconds)
     client.incr("aiqueue:test:held")
     return "held"
+
+
+def enqueue_later(seconds: float, then: str) -> str:
+    """After `seconds`, put job `then` (a no-op) on this job's queue: what a run does when it
+    schedules a retry or a dependent while the queue looks empty."""
+    from rq import get_current_job
+    from rq.queue import Queue
+
+    time.sleep(seconds)
+    current = get_current_job()
+    queue = Queue(current.origin, connection=current.connection)
+    queue.enqueue("os.getpid", job_id=then, result_ttl=60)
+    return "enqueued"
