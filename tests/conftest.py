@@ -51,8 +51,40 @@ class Simulator:
 def pytest_configure(config) -> None:
     # Before any test hashes a password (tests/hashers.py: ~0.3 s of CPU per stock hash).
     from django.conf import settings
+    from django.db.models.signals import post_migrate
 
     settings.PASSWORD_HASHERS = ["tests.hashers.OneIterationPBKDF2PasswordHasher"]
+    post_migrate.connect(put_back_data_migration_rows, dispatch_uid="tests-data-migration-rows")
+
+
+# The rows data migrations create: the documented groups.
+DATA_MIGRATIONS = (
+    "jobs.migrations.0010_i18_operators_group",
+    "review.migrations.0002_reviewers_group",
+)
+
+
+def put_back_data_migration_rows(sender, using="default", **kwargs) -> None:
+    """A transactional test ends with a flush, which empties every table, the rows of data
+    migrations too, and then sends post_migrate (Django recreates content types and
+    permissions then). Put the groups back as well, from their migrations' own GROUP and
+    PERMISSIONS, so the next test on this xdist worker finds the database as `migrate` left
+    it, whichever kind of test ran before it."""
+    import importlib
+
+    from django.contrib.auth.models import Group, Permission
+
+    if sender.label != "review" or Group.objects.using(using).exists():
+        return  # once per flush (post_migrate is sent per app, review's last), only after one
+    for name in DATA_MIGRATIONS:
+        migration = importlib.import_module(name)
+        group = Group.objects.using(using).create(name=migration.GROUP)
+        for app_label, codename in migration.PERMISSIONS:
+            group.permissions.add(
+                Permission.objects.using(using).get(
+                    content_type__app_label=app_label, codename=codename
+                )
+            )
 
 
 # The longest groups of tests, each kept on one xdist worker (`--dist loadgroup`, see ./test):
