@@ -230,6 +230,9 @@ AIQUEUE_SIMULATOR_URL = env_str("AIQUEUE_SIMULATOR_URL", "http://127.0.0.1:8100"
 # Submissions processed at once per web process; the rest wait their turn without using CPU,
 # so a burst cannot starve other pages (aiqueue.bulkhead). 0: no limit.
 AIQUEUE_SUBMIT_CONCURRENCY = env_int("AIQUEUE_SUBMIT_CONCURRENCY", 2, minimum=0)
+# Threads that run Django's request handling in a web process (aiqueue/asgi.py); each keeps
+# its database connection. Submissions take at most AIQUEUE_SUBMIT_CONCURRENCY of them.
+AIQUEUE_WEB_THREADS = env_int("AIQUEUE_WEB_THREADS", 8, minimum=1)
 # The dashboard's health figures are shared by every operator's page for this long (seconds,
 # per web process; 0: computed for each request). They cost a few dozen aggregate queries.
 AIQUEUE_DASHBOARD_CACHE_SECONDS = env_int("AIQUEUE_DASHBOARD_CACHE_SECONDS", 2, minimum=0)

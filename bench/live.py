@@ -29,8 +29,10 @@ process changes one watched job (a progress message carrying a probe number): a 
 latency is from that change to its page receiving it. Per list socket: frames per second over
 the burst, whether the page ends on every job's final state (per job, the newest row it was
 sent, by the row's data-version, as static/js/live.js applies them), and sockets that closed
-under the burst. Run twice in one invocation, a frame per change
-(AIQUEUE_LIVE_LIST_INTERVAL_MS=0, as before) beside coalesced frames (250 ms).
+under the burst. Three runs in one invocation (VARIANTS): a frame per change
+(AIQUEUE_LIVE_LIST_INTERVAL_MS=0) and coalesced frames (250 ms) with HTTP through Django's own
+ASGI handler (bench/django_asgi.py, as before), and coalesced with HTTP through Django's WSGI
+handler on a pool of threads (aiqueue/asgi.py, as served now).
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def sender_process(base: str, key: str, workload: str, jobs: int, senders: int, 
     pipe.send(len(accepted))
 
 
-def burst_run(interval_ms: int, jobs: int, lists: int, pages: int) -> dict:
+def burst_run(interval_ms: int, jobs: int, lists: int, pages: int, app: str) -> dict:
     import re
     import threading
 
@@ -197,7 +199,7 @@ def burst_run(interval_ms: int, jobs: int, lists: int, pages: int) -> dict:
         stack.wait_until(
             lambda: stack.count_status([j.pk for j in watched], "succeeded") == pages, timeout=120
         )
-        web = stack.start_web(workers=1)
+        web = stack.start_web(workers=1, app=app)
         http = stack.login_client(web, "bench")
         cookie = f"sessionid={http.cookies['sessionid']}"
         ws = web.replace("http://", "ws://")
@@ -303,22 +305,30 @@ def burst_run(interval_ms: int, jobs: int, lists: int, pages: int) -> dict:
     }
 
 
+BEFORE_APP = "bench.django_asgi:application"  # HTTP through Django's ASGI handler
+VARIANTS = [
+    ("a frame per change, Django's ASGI handler", 0, BEFORE_APP),
+    ("coalesced 250 ms, Django's ASGI handler", 250, BEFORE_APP),
+    ("coalesced 250 ms, WSGI handler on a pool (now)", 250, "aiqueue.asgi:application"),
+]
+
+
 def burst_main(args) -> None:
     import json
     import subprocess
 
     rows = []
-    for interval in (0, 250):
+    for label, interval, app in VARIANTS:
         # Each in a process of its own: Django is set up once per process, on one Stack.
         out = subprocess.run(
             [sys.executable, __file__, "--burst-interval", str(interval), "--jobs", str(args.jobs),
-             "--lists", str(args.lists), "--pages", str(args.pages)],
+             "--lists", str(args.lists), "--pages", str(args.pages), "--burst-app", app],
             check=True, capture_output=True, text=True,
         ).stdout  # fmt: skip
         result = json.loads(out.strip().splitlines()[-1])
         rows.append(
             (
-                "a frame per change (before)" if interval == 0 else f"coalesced, {interval} ms",
+                label,
                 result["accepted"],
                 f"{result['seconds']:.1f}",
                 result["probes"],
@@ -348,11 +358,13 @@ def main() -> None:
     parser.add_argument("--lists", type=int, default=40)
     parser.add_argument("--pages", type=int, default=10)
     parser.add_argument("--burst-interval", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--burst-app", default="aiqueue.asgi:application", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.burst_interval is not None:
         import json
 
-        print(json.dumps(burst_run(args.burst_interval, args.jobs, args.lists, args.pages)))
+        result = burst_run(args.burst_interval, args.jobs, args.lists, args.pages, args.burst_app)
+        print(json.dumps(result))
         return
     if args.burst:
         burst_main(args)

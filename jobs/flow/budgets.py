@@ -240,19 +240,27 @@ def roll_periods(now: datetime | None = None) -> list[int]:
 # --- reserve, settle, release ---------------------------------------------------------------
 
 
+# Asked on every submission and several times per run, mostly to find that no budget applies:
+# written out, as the ORM would compile it, because compiling that three-way OR cost more than
+# running it (0.4 ms of a submission's ~5). In creation order: the default ordering (by
+# workload name) would join jobs_workload. A NULL id matches only the budgets without it.
+_CANDIDATES_SQL = (
+    "SELECT * FROM jobs_budget"
+    " WHERE (workload_id IS NULL OR workload_id = %s)"
+    " AND (user_id IS NULL OR user_id = %s)"
+    " AND (api_token_id IS NULL OR api_token_id = %s)"
+    " ORDER BY id"
+)
+
+
 def budgets_for(job: Job, overrides: dict[str, Any] | None = None) -> list[Budget]:
     """The budgets `job` counts against: each whose every scope that is set matches it (its
     workload, submitter, API token, and the model its calls go to first: `overrides`, as a
     retry would run, else the job's own), so every global one too.
 
     Reserve, top up, settle and release all ask here, so a job's money moves on one set."""
-    # In creation order: the default ordering (by workload name) would join jobs_workload.
-    candidates = Budget.objects.filter(
-        Q(workload__isnull=True) | Q(workload=job.workload_id),
-        Q(user__isnull=True) | Q(user=job.submitted_by_id),
-        Q(api_token__isnull=True) | Q(api_token=job.api_token_id),
-    ).order_by("pk")
-    found = list(candidates)
+    scope = [job.workload_id, job.submitted_by_id, job.api_token_id]
+    found = list(Budget.objects.raw(_CANDIDATES_SQL, scope))
     if not any(budget.model for budget in found):
         return found
     model = first_model(job, job.overrides if overrides is None else overrides)

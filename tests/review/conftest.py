@@ -21,7 +21,7 @@ def escalate(run_worker, user):
         items = []
         for job in jobs:
             job.refresh_from_db()
-            assert job.status == Job.Status.NEEDS_REVIEW, where_is(job)
+            assert job.status == Job.Status.NEEDS_REVIEW, repr(where_is(job))
             items.append(ReviewItem.objects.get(job=job, status=ReviewItem.Status.OPEN))
         return items
 
