@@ -285,11 +285,12 @@ def touchy(workload):
 
 @pytest.fixture
 def receiver():
-    """make(statuses) -> a Receiver (tests.helpers) on localhost, closed after the test."""
+    """make(statuses, delay_s) -> a Receiver (tests.helpers) on localhost, closed after the
+    test."""
     made: list[Receiver] = []
 
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
+    def make(statuses: list[int] | None = None, delay_s: float = 0) -> Receiver:
+        made.append(Receiver(statuses, delay_s))
         return made[-1]
 
     yield make

@@ -356,9 +356,9 @@ def occupy(resources) -> leases.Lease:
 
 class Receiver:
     """An HTTP server on 127.0.0.1 that records each POST and answers with `statuses` in turn
-    (then 200)."""
+    (then 200), `delay_s` after it came in (a slow receiver)."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, delay_s: float = 0) -> None:
         self.statuses = list(statuses or [])
         self.received: list[dict] = []
         receiver = self
@@ -367,6 +367,7 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.received.append({"headers": dict(self.headers), "body": body})
+                time.sleep(delay_s)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")

@@ -134,6 +134,39 @@ def test_a_delivery_whose_attempt_redis_lost_is_sent_by_the_reconciler_once(
     assert reconcile.run().webhooks_requeued == 0  # delivered: nothing more to send
 
 
+def test_a_slow_receiver_holds_back_no_other_delivery_and_sigterm_lets_it_finish(
+    redis_conn, workload, user, receiver, hook_for, tmp_path
+):
+    import signal
+    import sys
+
+    from tests.helpers import spawn, wait_for, worker_env
+
+    slow, fast = receiver(delay_s=4), receiver()
+    hook_for(slow.url)
+    first = services.do_submit_job(workload=workload, input_text="x", user=user)[0]
+    services.do_cancel_job(first, actor=user)  # the slow receiver's delivery is queued first
+    hook_for(fast.url)
+    second = services.do_submit_job(workload=workload, input_text="y", user=user)[0]
+    services.do_cancel_job(second, actor=user)
+    assert WebhookDelivery.objects.count() == 3
+
+    env = worker_env(heartbeat=1, stale_after=30)
+    worker = spawn([sys.executable, "manage.py", "webhook_worker"], tmp_path, env=env)
+    try:
+        delivered = WebhookDelivery.objects.filter(status="delivered")
+        wait_for(lambda: delivered.exists() and len(slow.received) == 2, timeout=20)
+        # Both slow attempts are still being answered: the fast one did not wait for them.
+        assert [d.webhook.url for d in delivered] == [fast.url]
+        worker.send_signal(signal.SIGTERM)  # a warm stop: the attempts in flight finish
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert set(WebhookDelivery.objects.values_list("status", "attempts")) == {("delivered", 1)}
+    assert (len(slow.received), len(fast.received)) == (2, 1)
+
+
 def test_a_dead_receiver_never_holds_up_the_job(redis_conn, workload, user, run_worker, hook_for):
     hook_for("http://127.0.0.1:9/nobody")  # the discard port: nothing listens
     job = services.do_submit_job(workload=workload, input_text="A note.", user=user)[0]
