@@ -159,7 +159,17 @@ class ThreadDeathPenalty(BaseDeathPenalty):
         def init(self_exc, *args) -> None:
             exception.__init__(self_exc, message)
 
-        self._exception = type(exception.__name__, (exception,), {"__init__": init})
+        # Named as RQ's class (module and qualname), so a failed job's exc_string reads
+        # "rq.timeouts.JobTimeoutException", as under stock RQ, not this module's subclass.
+        self._exception = type(
+            exception.__name__,
+            (exception,),
+            {
+                "__init__": init,
+                "__module__": exception.__module__,
+                "__qualname__": exception.__qualname__,
+            },
+        )
 
     def setup_death_penalty(self) -> None:
         if self._timeout <= 0:

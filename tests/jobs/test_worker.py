@@ -95,7 +95,8 @@ def test_job_timeout_kills_only_that_job(redis_conn, workload, user, simulator, 
     finally:
         stop(worker)
     failed = RQJob.fetch(doomed.id, connection=redis_conn)
-    assert "JobTimeoutException" in failed.latest_result().exc_string
+    # Recorded as stock RQ records it (it read runs.worker.JobTimeoutException).
+    assert "rq.timeouts.JobTimeoutException: " in failed.latest_result().exc_string
     assert "maximum timeout value (1 seconds)" in failed.latest_result().exc_string
     assert RQJob.fetch(survivor.id, connection=redis_conn).return_value() == "spun"
 
