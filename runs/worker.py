@@ -28,6 +28,7 @@ import redis
 from django.conf import settings
 from django.db import close_old_connections, connections
 from rq import worker_registration
+from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout, InvalidJobOperation, StopRequested
 from rq.job import Job as RQJob
 from rq.queue import Queue
@@ -171,26 +172,40 @@ class ThreadDeathPenalty(BaseDeathPenalty):
             },
         )
 
+    # The penalty armed in each thread now: RQ's stop-job command ends a job through it.
+    _armed_in: dict[int, ThreadDeathPenalty] = {}
+
     def setup_death_penalty(self) -> None:
-        if self._timeout <= 0:
-            return
         with self._lock:
             self._armed = True
+            ThreadDeathPenalty._armed_in[self._thread_id] = self
+        if self._timeout <= 0:
+            return
         self._timer = threading.Timer(self._timeout, self._fire)
         self._timer.daemon = True
         self._timer.start()
 
-    def _fire(self) -> None:
+    def _fire(self, exception: type[BaseException] | None = None) -> bool:
         with self._lock:
             if not self._armed:
-                return
+                return False
             self._armed = False
             self._fired = True
-            _set_async_exc(self._thread_id, self._exception)
+            _set_async_exc(self._thread_id, exception or self._exception)
+            return True
+
+    @classmethod
+    def stop_thread(cls, thread_id: int, exception: type[BaseException]) -> bool:
+        """Raise `exception` in the job running on `thread_id`, as a timeout would: only while
+        its job function runs, never into what the thread does after it. False if none runs."""
+        penalty = cls._armed_in.get(thread_id)
+        return penalty is not None and penalty._fire(exception)
 
     def cancel_death_penalty(self) -> None:
         with self._lock:
             self._armed = False
+            if ThreadDeathPenalty._armed_in.get(self._thread_id) is self:
+                del ThreadDeathPenalty._armed_in[self._thread_id]
             if self._timer is not None:
                 self._timer.cancel()
             if self._fired:
@@ -204,11 +219,17 @@ def _set_async_exc(thread_id: int, exception: type[BaseException] | None) -> Non
     )
 
 
+class JobStopped(BaseException):
+    """Raised in a job's thread by RQ's stop-job command (`rq.command.send_stop_job_command`):
+    a BaseException, as a timeout is, so the job's own `except Exception` does not take it."""
+
+
 @dataclass
 class _InFlight:
     job: RQJob
     queue: Queue
     execution: Any = None
+    thread_id: int | None = None
 
 
 class Worker(StarvationGuardMixin, SimpleWorker):
@@ -260,6 +281,8 @@ class Worker(StarvationGuardMixin, SimpleWorker):
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._in_flight: dict[str, _InFlight] = {}
+        self._stopping: set[str] = set()  # stop-job commands whose job has not ended yet
+        self._failure_lock = threading.Lock()  # RQ's _stopped_job_id is one per worker
         self._beats = heartbeats.RunHeartbeats()
         self._monitor_stop = threading.Event()
         self._in_blpop = False
@@ -396,10 +419,55 @@ class Worker(StarvationGuardMixin, SimpleWorker):
 
     def handle_job_failure(self, job, queue, started_job_registry=None, exc_string="") -> None:
         self._stop_beating(job)
-        try:
-            super().handle_job_failure(job, queue, started_job_registry, exc_string)
-        except (InvalidJobOperation, redis.RedisError) as exc:
-            log.warning("job %s: RQ's failure bookkeeping skipped: %s", job.id, exc)
+        with self._failure_lock:
+            with self._lock:
+                stopped = job.id in self._stopping
+                self._stopping.discard(job.id)
+            # RQ records a job it was told to stop as stopped, not failed (and not retried).
+            self._stopped_job_id = job.id if stopped else None
+            try:
+                super().handle_job_failure(job, queue, started_job_registry, exc_string)
+            except (InvalidJobOperation, redis.RedisError) as exc:
+                log.warning("job %s: RQ's failure bookkeeping skipped: %s", job.id, exc)
+            finally:
+                self._stopped_job_id = None
+
+    # --- RQ's commands (`rq.command`): stop-job reaches the job's own thread ----------------
+    def handle_payload(self, message) -> None:
+        payload = parse_payload(message)
+        if payload.get("command") == "stop-job":
+            self.stop_job(payload.get("job_id") or "")
+            return
+        super().handle_payload(message)
+
+    def stop_job(self, job_id: str) -> bool:
+        """Stop job `job_id` if this worker runs it. An aiqueue run is cancelled, as from its
+        page (its call is cut, what it cost is in the ledger, the page says so); any other RQ
+        job gets JobStopped in its thread, and RQ records it as stopped. False if this worker
+        does not run it."""
+        with self._lock:
+            flight = self._in_flight.get(job_id)
+            thread_id = flight.thread_id if flight is not None else None
+            if thread_id is None:
+                log.info("worker %s: not running job %s, stop ignored", self.name, job_id)
+                return False
+            is_run = flight.job.func_name == queueing.TASK
+        if is_run:
+            code = flight.job.args[0] if flight.job.args else ""
+            job = Job.objects.filter(code=code).first()
+            try:
+                if job is not None:
+                    services.do_cancel_job(job, actor=None, reason="stopped through RQ")
+            finally:
+                connections.close_all()
+            return job is not None
+        with self._lock:
+            self._stopping.add(job_id)
+        if not self.death_penalty_class.stop_thread(thread_id, JobStopped):
+            with self._lock:
+                self._stopping.discard(job_id)
+            return False
+        return True
 
     def _register_stop(self) -> None:
         try:
@@ -564,6 +632,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             retry_redis(f"starting {job.id}", lambda: self.prepare_execution(job), self.name)
             with self._lock:
                 self._in_flight[job.id].execution = self.execution
+                self._in_flight[job.id].thread_id = threading.get_ident()
             self.perform_job(job, queue)
         finally:
             self.execution = None

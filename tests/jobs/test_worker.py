@@ -101,6 +101,39 @@ def test_job_timeout_kills_only_that_job(redis_conn, workload, user, simulator, 
     assert RQJob.fetch(survivor.id, connection=redis_conn).return_value() == "spun"
 
 
+def test_rqs_stop_job_command_stops_that_job_and_cancels_an_aiqueue_run(
+    redis_conn, workload, user, simulator, tmp_path
+):
+    # Stock RQ stops the job (status "stopped", not retried); the threaded worker ignored it
+    # and ran the job to its end. An aiqueue run told to stop is cancelled, as from its page.
+    from rq.command import send_stop_job_command
+
+    simulator.control(latency_ms=20_000)
+    queue = django_rq.get_queue("default")
+    doomed = queue.enqueue("tests.jobs.worker_tasks.spin", 30, result_ttl=600, failure_ttl=600)
+    other = queue.enqueue("tests.jobs.worker_tasks.spin", 3, result_ttl=600)
+    (run,) = submit_many(workload, user, 1)
+    worker = start_worker(tmp_path, threads=4)
+
+    def rq_status(rq_job) -> str:
+        return RQJob.fetch(rq_job.id, connection=redis_conn).get_status()
+
+    try:
+        wait_for(lambda: rq_status(doomed) == JobStatus.STARTED, timeout=30)
+        wait_for(lambda: count([run], "running") == 1, timeout=30)
+        send_stop_job_command(redis_conn, doomed.id)
+        send_stop_job_command(redis_conn, run.rq_job_id)
+        wait_for(lambda: rq_status(doomed) == JobStatus.STOPPED, timeout=10)
+        wait_for(lambda: count([run], "cancelled") == 1, timeout=10)
+        wait_for(lambda: rq_status(other) == JobStatus.FINISHED, timeout=30)
+        assert worker.poll() is None  # the worker goes on
+    finally:
+        stop(worker)
+    # As stock RQ keeps it: the stopped job in the failed registry, with its status "stopped".
+    assert queue.failed_job_registry.get_job_ids() == [doomed.id]
+    assert Job.objects.get(pk=run.pk).events.filter(to_status="cancelled").exists()
+
+
 def test_sigterm_lets_jobs_in_flight_finish_and_takes_no_new_ones(
     redis_conn, workload, user, simulator, tmp_path
 ):
