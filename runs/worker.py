@@ -704,6 +704,10 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             raise SystemExit()
 
     def teardown(self) -> None:
+        if self._shutdown_requested_date is not None and self.in_flight:
+            # As RQ records a warm stop that waits for its job (here, not in the signal
+            # handler: a Redis call there could wait on a lock the interrupted code holds).
+            self._loop_gate.call("recording the stop", self.set_shutdown_requested_date)
         self._drain()
         for _ in self._pool:
             self._tasks.put(None)

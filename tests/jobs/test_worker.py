@@ -137,7 +137,7 @@ def test_rqs_stop_job_command_stops_that_job_and_cancels_an_aiqueue_run(
 def test_sigterm_lets_jobs_in_flight_finish_and_takes_no_new_ones(
     redis_conn, workload, user, simulator, tmp_path
 ):
-    simulator.control(latency_ms=3000)
+    simulator.control(latency_ms=5000)  # a window to see the drain in
     jobs = submit_many(workload, user, 5)
     worker = start_worker(tmp_path, threads=10, grace=30)
     try:
@@ -145,6 +145,14 @@ def test_sigterm_lets_jobs_in_flight_finish_and_takes_no_new_ones(
         worker.send_signal(signal.SIGTERM)
         # Submitted after the stop request: this worker must leave it in the queue.
         later = submit_many(workload, user, 1)
+        # While it drains, RQ's registration says a shutdown was asked (`rq info`, the admin).
+        from rq.worker import Worker as RQWorker
+
+        def shutdown_recorded() -> bool:
+            found = [w for w in RQWorker.all(connection=redis_conn) if w.pid == worker.pid]
+            return bool(found) and found[0].shutdown_requested_date is not None
+
+        wait_for(shutdown_recorded, timeout=4)
         assert worker.wait(timeout=30) == 0
     finally:
         stop(worker)
