@@ -489,6 +489,14 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             log.exception("reconciler pass failed; the next pass will try again")
 
     def work(self, *args, **kwargs) -> bool:
+        if self._monitor_stop.is_set():
+            # work() again after an earlier work() ended (a burst, then another): that one's
+            # threads have exited; start afresh, as RQ's workers allow.
+            self._monitor_stop = threading.Event()
+            self._monitor, self._pool = None, []
+            self._tasks = queue_module.SimpleQueue()
+            self._slots = threading.Semaphore(self.threads)
+            self._draining = self._cold = False
         heartbeats.install(self._beats)
         try:
             return super().work(*args, **kwargs)

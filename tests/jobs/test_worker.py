@@ -282,6 +282,26 @@ def test_a_burst_runs_what_a_job_in_flight_enqueues_before_it_ends(redis_conn):
     assert queue.count == 0
 
 
+def test_one_worker_can_work_again_after_its_burst(redis_conn):
+    # A second work() found the first one's threads gone and waited forever for them.
+    from runs.worker import Worker
+
+    queue = django_rq.get_queue("default")
+    worker = Worker([queue], connection=queue.connection, threads=2)
+    first = queue.enqueue("os.getpid", result_ttl=60)
+    worker.work(burst=True, with_scheduler=False)
+    second = queue.enqueue("os.getpid", result_ttl=60)
+    # On the main thread (RQ installs its signal handlers there); SIGALRM ends a hang.
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the second work() hung"))
+    signal.alarm(15)
+    try:
+        worker.work(burst=True, with_scheduler=False)
+    finally:
+        signal.alarm(0)
+    for job in (first, second):
+        assert RQJob.fetch(job.id, connection=redis_conn).get_status() == JobStatus.FINISHED
+
+
 def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
     from rq.suspension import suspend
 
