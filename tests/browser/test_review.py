@@ -106,21 +106,34 @@ def test_inbox_shows_a_new_item_when_told_without_polling(
     make_user("rita", role="reviewer")
     log_in(page, live_app, "rita", "pw-rita-123")
     notices: list[str] = []
-    page.on(
-        "websocket",
-        lambda socket: socket.on(
+    frames: list[str] = []
+
+    def watch(socket) -> None:
+        frames.append(f"{time.monotonic():.2f} open {socket.url}")
+        socket.on("close", lambda _: frames.append(f"{time.monotonic():.2f} close"))
+        socket.on(
             "framereceived",
-            lambda payload: notices.append(payload) if "live-stale" in str(payload) else None,
-        ),
-    )
+            lambda payload: (
+                notices.append(f"{time.monotonic():.2f}")
+                if "live-stale" in str(payload)
+                else frames.append(f"{time.monotonic():.2f} {str(payload)[:80]}")
+            ),
+        )
+
+    page.on("websocket", watch)
     open_live_page(page, f"{live_app.url}/review/")  # and its one re-fetch as the socket opens
     expect(page.locator(".all-clear")).to_be_visible()
     fetches: list[str] = []
-    page.on("request", lambda request: fetches.append(request.url))
+    page.on(
+        "request",
+        lambda request: fetches.append(f"{time.monotonic():.2f} {request.method} {request.url}"),
+    )
 
     time.sleep(7)  # longer than the 5 s the inbox used to poll at (and an idle socket lasted)
     assert not [url for url in fetches if "/review/" in url]  # quiet: no poll, no reconnect
-    notices.clear()
+    # Notices are not cleared here: one that came at the end of the quiet period is answered
+    # (a second later) after it, and counts (seen on PostgreSQL: two re-fetches, the first at
+    # the instant the escalation's notice arrived, so not caused by it).
 
     job = submit_and_wait_for_review(classify_workload, user, "Win a prize [[low-confidence]]")
     item = ReviewItem.objects.get(job=job)
@@ -129,7 +142,7 @@ def test_inbox_shows_a_new_item_when_told_without_polling(
     # Each re-fetch follows a notice on the socket (the escalation may send more than one, and
     # the page fetches at most once a second): none comes from a timer.
     refetched = len([url for url in fetches if "/review/" in url])
-    assert 1 <= refetched <= len(notices), (refetched, len(notices))
+    assert 1 <= refetched <= len(notices), (fetches, notices, frames)
 
 
 def test_enter_in_the_bulk_reject_reason_rejects_not_approves(
