@@ -9,32 +9,27 @@ handler AIQUEUE_WEB_THREADS long-lived threads in this same process, so the page
 websockets keep one port and one origin.
 """
 
-import os
+# The WSGI application first: it sets the settings module up and fills the app registry,
+# which the consumers' imports need.
+from aiqueue.wsgi import application as wsgi_application
 
-from django.core.asgi import get_asgi_application
-
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aiqueue.settings")
-# Set up the app registry first: the consumers' imports need it.
-get_asgi_application()
-
+# isort: split
 from a2wsgi import WSGIMiddleware  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from aiqueue.bulkhead import SubmissionBulkhead  # noqa: E402
 from aiqueue.routing import websocket_urlpatterns  # noqa: E402
 
-http = WSGIMiddleware(get_wsgi_application(), workers=settings.AIQUEUE_WEB_THREADS)
+http = WSGIMiddleware(wsgi_application, workers=settings.AIQUEUE_WEB_THREADS)
+websocket = AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
 
 application = ProtocolTypeRouter(
     {
         # A burst of submissions must not take every thread the pages need (aiqueue.bulkhead).
         "http": SubmissionBulkhead(http, settings.AIQUEUE_SUBMIT_CONCURRENCY),
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        "websocket": websocket,
     }
 )

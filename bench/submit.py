@@ -285,6 +285,21 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, keep
 
 
+async def timed_post(
+    client: Client, i: int, since: float, latencies: list[float], errors: Counter
+) -> None:
+    """Submission `i`: its time from `since` to its 202 goes in `latencies`, else its error."""
+    try:
+        status = await asyncio.wait_for(client.post(i), TIMEOUT_S)
+    except TimeoutError:
+        errors["timeout"] += 1
+        return
+    if status == 202:
+        latencies.append(time.perf_counter() - since)
+    else:
+        errors[str(status or "broken")] += 1
+
+
 async def closed_loop(client: Client, n: int, senders: int, first: int) -> dict:
     latencies: list[float] = []
     errors = Counter()
@@ -292,16 +307,7 @@ async def closed_loop(client: Client, n: int, senders: int, first: int) -> dict:
 
     async def sender() -> None:
         while (i := next(counter, None)) is not None:
-            started = time.perf_counter()
-            try:
-                status = await asyncio.wait_for(client.post(i), TIMEOUT_S)
-            except TimeoutError:
-                errors["timeout"] += 1
-                continue
-            if status == 202:
-                latencies.append(time.perf_counter() - started)
-            else:
-                errors[str(status or "broken")] += 1
+            await timed_post(client, i, time.perf_counter(), latencies, errors)
 
     started = time.perf_counter()
     await asyncio.gather(*(sender() for _ in range(senders)))
@@ -317,15 +323,7 @@ async def open_loop(client: Client, n: int, rate: float, first: int, seed: int =
 
     async def one(i: int, due: float) -> None:
         lags.append(time.perf_counter() - due)
-        try:
-            status = await asyncio.wait_for(client.post(i), TIMEOUT_S)
-        except TimeoutError:
-            errors["timeout"] += 1
-            return
-        if status == 202:
-            latencies.append(time.perf_counter() - due)
-        else:
-            errors[str(status or "broken")] += 1
+        await timed_post(client, i, due, latencies, errors)
 
     start = time.perf_counter() + 0.05
     due = start

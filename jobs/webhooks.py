@@ -25,7 +25,6 @@ from datetime import timedelta
 
 import httpx
 import rq
-import rq.exceptions
 import rq.job
 from django.conf import settings
 from django.db import models
@@ -252,15 +251,16 @@ def requeue_lost(now=None) -> int:
         .filter(webhook__is_active=True)
         .order_by("created_at")[:SWEEP_BATCH]
     )
-    connection = queueing.connection()
-    alive = {rq.job.JobStatus.QUEUED, rq.job.JobStatus.SCHEDULED, rq.job.JobStatus.STARTED}
+    pending = list(pending)
+    if not pending:
+        return 0
+    with queueing.connection().pipeline(transaction=False) as pipe:
+        for delivery in pending:
+            pipe.hget(rq.job.Job.key_for(_rq_id(delivery)), "status")
+        statuses = pipe.execute()
     requeued = 0
-    for delivery in pending:
-        try:
-            status = rq.job.Job.fetch(_rq_id(delivery), connection=connection).get_status()
-        except rq.exceptions.NoSuchJobError:
-            status = None
-        if status in alive:
+    for delivery, status in zip(pending, statuses, strict=True):
+        if (status.decode() if status else None) in queueing.LIVE_RQ_STATES:
             continue
         enqueue(delivery)
         requeued += 1
