@@ -37,13 +37,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Count, QuerySet
 from django.template.loader import render_to_string
 
-from jobs import kinds, queueing, timeline
+from jobs import kinds, timeline
 from jobs.models import Attempt, Job, JobEvent, Provider
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,28 @@ def publishing_loop() -> asyncio.AbstractEventLoop:
     return _loop_thread.loop()
 
 
-def send(messages: list[tuple[str, dict[str, Any]]]) -> bool:
-    """group_send each (group, message) in order. Returns False (and logs) on failure."""
+def send(
+    messages: list[tuple[str, dict[str, Any]]],
+    watchers: dict[str, list[str] | None] | None = None,
+) -> bool:
+    """group_send each (group, message) in order. Returns False (and logs) on failure.
+
+    Given `watchers` (from `members`) that name every group's channels, the messages go out
+    from this thread, one Redis round trip each (`_send_direct`); otherwise through the
+    channel layer's group_send on the process's publishing loop (four round trips and two
+    thread hand-offs, each a wait for the GIL in a busy worker).
+    """
     layer = get_channel_layer()
     if layer is None or not messages:
         return False
+    if watchers is not None and all(watchers.get(group) for group, _ in messages):
+        try:
+            for group, message in messages:
+                _send_direct(layer, watchers[group], message)
+        except Exception:
+            log.warning("live publish to %s failed", [g for g, _ in messages], exc_info=True)
+            return False
+        return True
 
     async def send_all() -> None:
         for group, message in messages:
@@ -134,8 +152,60 @@ def send(messages: list[tuple[str, dict[str, Any]]]) -> bool:
     return True
 
 
-def listened(groups: list[str]) -> set[str]:
-    """The groups that have at least one websocket in them right now.
+# channels-redis's group_send as one script, given the group's channels: for each process
+# inbox, drop the expired messages, then add this one unless the inbox is at capacity.
+_GROUP_SEND_LUA = """
+local now = tonumber(ARGV[#ARGV - 1])
+local expiry = tonumber(ARGV[#ARGV])
+for i = 1, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, math.floor(now) - expiry)
+    if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') < tonumber(ARGV[i + #KEYS]) then
+        redis.call('ZADD', KEYS[i], now, ARGV[i])
+        redis.call('EXPIRE', KEYS[i], expiry)
+    end
+end
+return 0
+"""
+
+_clients: dict[tuple[int, str], tuple[redis.Redis, Any]] = {}
+_clients_lock = threading.Lock()
+
+
+def _layer_client(layer) -> tuple[redis.Redis, Any] | None:
+    """A synchronous client of the channel layer's Redis and the send script on it (one per
+    process), or None for a layer other than channels-redis on one Redis (a sharded layer
+    keeps its own path)."""
+    hosts = getattr(layer, "hosts", None)
+    if not hasattr(layer, "_group_key") or not hosts or len(hosts) != 1:
+        return None
+    address = hosts[0].get("address") if isinstance(hosts[0], dict) else None
+    if not isinstance(address, str):
+        return None
+    key = (os.getpid(), address)
+    with _clients_lock:
+        if key not in _clients:
+            client = redis.Redis.from_url(address, socket_keepalive=True)
+            _clients[key] = (client, client.register_script(_GROUP_SEND_LUA))
+        return _clients[key]
+
+
+def _send_direct(layer, channels: list[str], message: dict[str, Any]) -> None:
+    """What channels-redis's group_send does once it has read the group's channels: one copy
+    of the message per process inbox, naming that process's channels, serialized by the
+    layer itself, so its consumers read it as any other."""
+    client, script = _layer_client(layer)
+    by_connection, message_for, capacity_for = layer._map_channel_keys_to_connection(
+        channels, message
+    )
+    keys = [key for keys in by_connection.values() for key in keys]
+    args = [message_for[key] for key in keys] + [capacity_for[key] for key in keys]
+    script(keys=keys, args=[*args, time.time(), int(layer.expiry)], client=client)
+
+
+def members(groups: list[str]) -> dict[str, list[str] | None]:
+    """The groups that have at least one websocket in them right now, each with its channels
+    (None where they cannot be read: a layer other than channels-redis, or Redis failing; then
+    every group counts as watched and `send` takes the layer's own path).
 
     Rendering is most of a publish's cost (queries + templates), and most state changes happen
     with nobody watching: asking Redis first makes an unwatched job cost one round trip.
@@ -143,19 +213,29 @@ def listened(groups: list[str]) -> set[str]:
     """
     layer = get_channel_layer()
     if layer is None or not groups:
-        return set()
-    if not hasattr(layer, "_group_key"):  # not channels-redis (e.g. the in-memory layer)
-        return set(groups)
+        return {}
+    found = _layer_client(layer)
+    if found is None:
+        return dict.fromkeys(groups)
     cutoff = int(time.time()) - layer.group_expiry
     try:
-        with queueing.connection().pipeline(transaction=False) as pipe:
+        with found[0].pipeline(transaction=False) as pipe:
             for group in groups:
-                pipe.zcount(layer._group_key(group), cutoff, "+inf")
-            counts = pipe.execute()
+                pipe.zrangebyscore(layer._group_key(group), cutoff, "+inf")
+            channels = pipe.execute()
     except Exception:
         log.warning("live: could not read group membership; publishing anyway", exc_info=True)
-        return set(groups)
-    return {group for group, count in zip(groups, counts, strict=True) if count}
+        return dict.fromkeys(groups)
+    return {
+        group: [name.decode() for name in names]
+        for group, names in zip(groups, channels, strict=True)
+        if names
+    }
+
+
+def listened(groups: list[str]) -> set[str]:
+    """The groups that have at least one websocket in them right now (see `members`)."""
+    return set(members(groups))
 
 
 # The whole of a `live.stale` message: swapped out-of-band onto the page's own marker, which
@@ -368,29 +448,29 @@ def publish_job(job_or_pk: Job | int, *, created: bool = False) -> bool:
     known = job_or_pk if isinstance(job_or_pk, Job) else None
     job_pk = known.pk if known is not None else job_or_pk
     try:
-        watched: set[str] | None = None
+        watched: dict[str, list[str] | None] | None = None
         if known is not None:
-            watched = listened(_groups(known))
+            watched = members(_groups(known))
             if not watched:
                 return True
         job = _job_for_render(job_pk, like=known)
         if job is None:
             return False
         if watched is None:
-            watched = listened(_groups(job))
+            watched = members(_groups(job))
             if not watched:
                 return True
         sent = True
         if job_group(job.code) in watched:
             # The job's own page first: it should not wait for the list and counters to render.
-            sent = send([(job_group(job.code), render_job_update(job))])
+            sent = send([(job_group(job.code), render_job_update(job))], watched)
         # The list pages get their rows coalesced: one frame per group per short interval
         # (jobs.live_batch), each changed row as it is when the frame is made.
         lists = [group for group, _ in list_groups(job) if group in watched]
         if lists and list_batcher is not None:
             list_batcher.add(job, lists, created=created)
         if job.batch_id is not None and batch_group(job.batch_id) in watched:
-            sent = send([(batch_group(job.batch_id), STALE_MESSAGE)]) and sent
+            sent = send([(batch_group(job.batch_id), STALE_MESSAGE)], watched) and sent
         return sent
     except Exception:
         log.warning("live render of job pk=%s failed", job_pk, exc_info=True)
@@ -455,7 +535,8 @@ class OutputStream:
     def _publish(self, now: float, *, streaming: bool = True) -> None:
         self.last_sent = now
         self.dirty = False
-        if not listened([job_group(self.job.code)]):
+        watched = members([job_group(self.job.code)])
+        if not watched:
             return
         try:
             text = kinds.without_rating(self.job.workload, self.text)
@@ -463,5 +544,5 @@ class OutputStream:
         except Exception:
             log.warning("live render of streamed output failed", exc_info=True)
             return
-        if send([(job_group(self.job.code), message)]):
+        if send([(job_group(self.job.code), message)], watched):
             self.published += 1

@@ -3,6 +3,7 @@ real ASGI application and the real channel layer on the suite's Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 
@@ -92,6 +93,51 @@ def test_owner_receives_the_rendered_partials_when_the_job_changes(
         assert "queued → cancelled" in html
         assert '<div id="job-actions" hx-swap-oob="true">' in html
         assert "Cancel job" not in html  # a cancelled job has nothing left to cancel
+
+    run(scenario)
+
+
+def test_a_watched_jobs_page_is_sent_its_update_without_the_layers_group_send(
+    redis_conn, client, workload, user, monkeypatch
+):
+    """The job page's message goes out from the publishing thread in one script call (the
+    channels it names read from the membership check), not by group_send on the publishing
+    loop: a second socket on the same page and one in another process (a layer of its own)
+    each get it once, as channels-redis's own consumers read it."""
+    from channels.layers import get_channel_layer
+    from channels_redis.core import RedisChannelLayer
+    from django.conf import settings
+
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+    elsewhere = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+    calls = []
+
+    async def group_send(group, message):
+        calls.append(group)
+
+    async def scenario():
+        first = communicator(f"/ws/jobs/{job.code}/", cookie)
+        second = communicator(f"/ws/jobs/{job.code}/", cookie)
+        for comm in (first, second):
+            connected, _ = await comm.connect(timeout=5)
+            assert connected
+        other = await elsewhere.new_channel()
+        await elsewhere.group_add(live.job_group(job.code), other)
+        # This loop's layer (run() makes a new one), the one the publish will use.
+        monkeypatch.setattr(get_channel_layer(), "group_send", group_send)
+        await database_sync_to_async(services.do_cancel_job)(job, actor=user, reason="no need")
+        pages = [await comm.receive_from(timeout=5) for comm in (first, second)]
+        message = await asyncio.wait_for(elsewhere.receive(other), 5)
+        for comm in (first, second):
+            assert await comm.receive_nothing(timeout=0.3)
+            await comm.disconnect()
+        await elsewhere.group_discard(live.job_group(job.code), other)
+        assert calls == []
+        for html in pages:
+            assert 'data-status="cancelled"' in html
+        assert message["type"] == "job.update"
+        assert 'data-status="cancelled"' in message["html"]
 
     run(scenario)
 
@@ -279,8 +325,8 @@ def test_streamed_output_is_escaped_and_not_processed_by_htmx(workload, user):
 def sent(monkeypatch) -> list:
     """What a stream publishes, captured instead of sent; every group counts as listened to."""
     captured: list = []
-    monkeypatch.setattr(live, "send", lambda messages: captured.extend(messages) or True)
-    monkeypatch.setattr(live, "listened", lambda groups: set(groups))
+    monkeypatch.setattr(live, "send", lambda messages, *_: captured.extend(messages) or True)
+    monkeypatch.setattr(live, "members", lambda groups: dict.fromkeys(groups))
     return captured
 
 
@@ -354,7 +400,7 @@ def test_a_job_nobody_watches_is_not_rendered_or_sent(
 ):
     job = submit(workload, user)
     sent, rendered = [], []
-    monkeypatch.setattr(live, "send", lambda messages: sent.extend(messages) or True)
+    monkeypatch.setattr(live, "send", lambda messages, *_: sent.extend(messages) or True)
     monkeypatch.setattr(live, "render_job_update", lambda job: rendered.append(job) or {})
     assert live.publish_job(job.pk)
     # As published on commit, with the Job: who listens is asked before any query.
