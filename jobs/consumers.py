@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
@@ -17,6 +18,9 @@ from jobs import live
 from jobs.access import can_change_job, visible_jobs
 
 FORBIDDEN = 4403
+
+# The messages the workers publish: rendered HTML to forward, no database work.
+PUSHED = frozenset({"job.update", "job.output", "jobs.update", "live.stale"})
 
 
 class LiveConsumer(AsyncWebsocketConsumer):
@@ -43,6 +47,17 @@ class LiveConsumer(AsyncWebsocketConsumer):
     def authorize(self, user) -> str | None:
         """Return the group this user may join, or None. Runs in a thread (ORM)."""
         raise NotImplementedError
+
+    async def dispatch(self, message: dict) -> None:
+        # Channels closes stale database connections before every handler, in the process's
+        # one thread for sync code: each pushed frame waited its turn there (under a burst, 40
+        # list sockets' frames and every job page's update, each hop a wait for the GIL), and
+        # the forwarding handlers touch no database. The ORM calls here go through
+        # database_sync_to_async, which closes stale connections around each call itself.
+        if message["type"] in PUSHED:
+            await getattr(self, get_handler_name(message))(message)
+        else:
+            await super().dispatch(message)
 
     async def disconnect(self, code: int) -> None:
         for group in self.groups_joined:

@@ -142,6 +142,38 @@ def test_a_watched_jobs_page_is_sent_its_update_without_the_layers_group_send(
     run(scenario)
 
 
+def test_a_pushed_frame_is_forwarded_without_a_turn_in_the_sync_thread(
+    redis_conn, client, workload, user, monkeypatch
+):
+    """Channels' default dispatch runs close_old_connections in the process's one sync thread
+    before every handler; the forwarding handlers touch no database, so a pushed frame must
+    not queue there behind every other socket's."""
+    import channels.consumer
+
+    job = submit(workload, user)
+    cookie = session_cookie(client, user)
+    turns = []
+
+    async def counted():
+        turns.append(1)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+
+    async def scenario():
+        comm = communicator(f"/ws/jobs/{job.code}/", cookie)
+        connected, _ = await comm.connect(timeout=5)
+        assert connected
+        before = len(turns)
+        await database_sync_to_async(services.do_cancel_job)(job, actor=user, reason="no need")
+        html = await comm.receive_from(timeout=5)
+        after = len(turns)
+        await comm.disconnect()
+        assert 'data-status="cancelled"' in html
+        assert after == before
+
+    run(scenario)
+
+
 def test_viewer_who_may_not_change_the_job_gets_no_cancel_form(redis_conn, client, workload, user):
     viewer = User.objects.create_user("vera", password="pw-vera-123")
     viewer.user_permissions.add(Permission.objects.get(codename="view_job"))
