@@ -180,8 +180,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis, queues, channels -----------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6390/0")
 RQ_QUEUE_NAMES = ["high", "default", "low"]
+# The priorities' queues place each job round-robin across lanes (jobs/fairshare.py).
 RQ_QUEUES = {
-    name: {"URL": REDIS_URL, "DEFAULT_TIMEOUT": 600, "DEFAULT_RESULT_TTL": 0}
+    name: {
+        "URL": REDIS_URL,
+        "DEFAULT_TIMEOUT": 600,
+        "DEFAULT_RESULT_TTL": 0,
+        "QUEUE_CLASS": "jobs.fairshare.FairQueue",
+    }
     for name in RQ_QUEUE_NAMES
 }
 RQ = {"COMMIT_MODE": "on_db_commit"}
@@ -306,6 +312,9 @@ AIQUEUE_WEBHOOK_RETRY_DELAYS = env_int_list(
 )
 # Starvation guard: after this many dequeues from higher queues, a worker looks at `low` first.
 AIQUEUE_STARVATION_GUARD_EVERY = env_int("AIQUEUE_STARVATION_GUARD_EVERY", 10, minimum=1)
+# Fair share: jobs of one priority are served round-robin across (workload, API token or user);
+# off, each priority is first in, first out (jobs/fairshare.py).
+AIQUEUE_FAIR_SHARE = env_bool("AIQUEUE_FAIR_SHARE", True)
 
 # --- Auth, security --------------------------------------------------------------------------
 LOGIN_URL = "login"

@@ -22,6 +22,7 @@ from rq import get_current_job
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
+from jobs import fairshare
 from jobs.models import Job
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         "failure_ttl": 24 * 3600,
         "description": f"{job.workload.name} {job.code}",
     }
+    if settings.AIQUEUE_FAIR_SHARE:
+        options["meta"] = {fairshare.LANE_META: fairshare.lane_of(job)}
     try:
         rq_queue = queue(job.priority)
         if at is None:
@@ -194,7 +197,8 @@ def remove(job: Job) -> None:
         with conn.pipeline() as pipe:
             pipe.lrem(rq_queue.key, 0, rq_job.id)
             pipe.zrem(rq_queue.scheduled_job_registry.key, rq_job.id)
-            taken = sum(pipe.execute())
+            fairshare.forget(pipe, rq_queue.key, rq_job.id)
+            taken = sum(pipe.execute()[:2])
         if taken:
             conn.delete(rq_job.key)
     except redis.RedisError as exc:

@@ -148,6 +148,14 @@ def make_review_item(
     return ReviewItem.objects.create(job=job, reason=reason, **fields)
 
 
+def make_api_token(user: User, name: str = "ci") -> ApiToken:
+    """An API token of `user`, for jobs that came in with one (`Job.api_token`)."""
+    token = ApiToken(user=user, name=name)
+    token.set_new_key()
+    token.save()
+    return token
+
+
 def make_token(user: User, name: str = "ci") -> str:
     """An API token for `user`; returns the key, which only its owner ever sees."""
     token = ApiToken(user=user, name=name)
