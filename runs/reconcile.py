@@ -34,7 +34,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from batches import services as batch_services
-from jobs import ledger, processes, queueing, services, webhooks
+from jobs import fairshare, ledger, processes, queueing, services, webhooks
 from jobs.models import Job
 from review import services as review_services
 from runs import admission, capacity_waiters
@@ -45,8 +45,10 @@ LOCK_KEY = "aiqueue:reconcile:lock"
 # RQ's scheduler polls every second and queueing.enqueue_at rounds up to the next whole second:
 # a scheduled entry this late is not being served.
 SCHEDULE_LATE_S = 10
-# How many of the oldest queued jobs of each priority a pass looks for on their queue.
+# How many of the oldest queued jobs of each priority, and of each lane of a priority, a pass
+# looks for on their queue.
 SEARCH_QUEUE_HEAD = 50
+SEARCH_LANE_HEAD = 5
 BATCH = 500
 
 
@@ -169,13 +171,20 @@ def _requeue_lost(report: Report, now) -> None:
     )
     batch: list[Job] = []
     # The oldest few of each priority are looked for on their queue (queueing.missing_rq_jobs):
-    # an entry a dead worker popped and never started was at the head of it.
+    # an entry a dead worker popped and never started was at the head of it. With fair share
+    # the head holds the oldest of each lane, not of the priority (jobs.fairshare), so
+    # the oldest few of each lane are looked for too.
     per_priority: dict[str, int] = {}
+    per_lane: dict[tuple[str, str], int] = {}
     search: set[int] = set()
     for job in candidates.order_by("queued_at").iterator(chunk_size=BATCH):
         batch.append(job)
+        lane = (job.priority, fairshare.lane_of(job))
         if per_priority.get(job.priority, 0) < SEARCH_QUEUE_HEAD:
             per_priority[job.priority] = per_priority.get(job.priority, 0) + 1
+            search.add(job.pk)
+        if per_lane.get(lane, 0) < SEARCH_LANE_HEAD:
+            per_lane[lane] = per_lane.get(lane, 0) + 1
             search.add(job.pk)
         if len(batch) >= BATCH:
             report.requeued += _requeue(batch, search)

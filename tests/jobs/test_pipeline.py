@@ -98,6 +98,7 @@ def test_reconciler_brings_back_jobs_whose_queued_entry_is_on_no_queue(
     jobs of each priority (a lost pop was at the head of its queue)."""
     settings.AIQUEUE_ENQUEUE_GRACE = 0
     monkeypatch.setattr(reconcile, "SEARCH_QUEUE_HEAD", 2)  # the two oldest
+    monkeypatch.setattr(reconcile, "SEARCH_LANE_HEAD", 2)  # of the priority, and of the lane
     recovered = submit(workload, user)
     Job.objects.filter(pk=recovered.pk).update(run_by="host/123/456")  # it ran before
     oldest_fresh = submit(workload, user, "a fresh job, never run")
@@ -116,6 +117,28 @@ def test_reconciler_brings_back_jobs_whose_queued_entry_is_on_no_queue(
     run_worker()
     assert Job.objects.get(pk=recovered.pk).status == "succeeded"
     assert Job.objects.get(pk=oldest_fresh.pk).status == "succeeded"
+
+
+def test_reconciler_finds_a_lost_pop_of_a_lane_queued_behind_an_older_flood(
+    redis_conn, workload, user, other_user, run_worker, settings, monkeypatch
+):
+    """With fair share the head of a queue holds the oldest job of each lane, so a dead
+    worker's lost pop may be younger than the priority's oldest jobs: the oldest of each lane
+    are looked for too."""
+    settings.AIQUEUE_ENQUEUE_GRACE = 0
+    monkeypatch.setattr(reconcile, "SEARCH_QUEUE_HEAD", 2)
+    flood = [submit(workload, user, f"flood {n}") for n in range(4)]
+    lost = submit(workload, other_user, "popped by a worker that died")
+    key = queueing.queue(lost.priority).key
+    assert queued_ids()[:2] == [flood[0].rq_job_id, lost.rq_job_id]  # the head, with fair share
+    redis_conn.lrem(key, 0, lost.rq_job_id)
+
+    report = reconcile.run()
+
+    assert report.requeued == 1
+    assert lost.rq_job_id in queued_ids()
+    run_worker()
+    assert Job.objects.get(pk=lost.pk).status == "succeeded"
 
 
 def test_reconciler_brings_back_jobs_a_dead_worker_had_started_in_redis_only(
