@@ -251,6 +251,21 @@ class Stack:
         wait_port(port, timeout=30)
         return f"http://127.0.0.1:{port}"
 
+    def start_gunicorn(
+        self, app: str, *, workers: int, threads: int, settings_module: str | None = None
+    ) -> str:
+        """gunicorn's gthread workers serving the WSGI `app`; returns its base URL."""
+        port = free_port()
+        extra = {"DJANGO_SETTINGS_MODULE": settings_module} if settings_module else {}
+        self.spawn(
+            "gunicorn",
+            [PYTHON, "-m", "gunicorn", "-k", "gthread", "-w", str(workers), "--threads",
+             str(threads), "-b", f"127.0.0.1:{port}", "--timeout", "120", app],
+            env=extra,
+        )  # fmt: skip
+        wait_port(port, timeout=30)
+        return f"http://127.0.0.1:{port}"
+
     def start_workers(
         self,
         n: int = 1,

@@ -40,8 +40,9 @@ Servers (--servers, comma-separated; all by default):
   granian-wsgi      granian --interface wsgi --blocking-threads 8 aiqueue.wsgi:application
   gunicorn-gthread  gunicorn -k gthread -w 1 --threads 8 aiqueue.wsgi:application
   uvicorn-wsgi      uvicorn --interface wsgi aiqueue.wsgi:application (its pool of 10 threads)
-granian and gunicorn are not in the project's lock files: `pip install granian gunicorn`
-(and `py-spy` for --profile) into the venv to measure them; a server not installed is skipped.
+granian is not in the project's lock files (gunicorn is, in requirements-dev.lock): `pip install
+granian` (and `py-spy` for --profile) into the venv to measure it; a server not installed is
+skipped.
 
 --profile A,B: after the measurements, py-spy samples (200/s, native frames, idle threads off)
 each named server's tree during another closed-loop burst, and prints where the samples are:
