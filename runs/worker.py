@@ -19,6 +19,7 @@ import queue as queue_module
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +32,7 @@ from rq import worker_registration
 from rq.command import parse_payload
 from rq.exceptions import DequeueTimeout, InvalidJobOperation, StopRequested
 from rq.job import Job as RQJob
+from rq.job import JobStatus
 from rq.queue import Queue
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException
 from rq.utils import now
@@ -642,6 +644,8 @@ class Worker(StarvationGuardMixin, SimpleWorker):
                 self._in_flight[job.id].execution = self.execution
                 self._in_flight[job.id].thread_id = threading.get_ident()
             self.perform_job(job, queue)
+        except Exception:
+            self._fail_after_error_outside_job(job, queue, traceback.format_exc())
         finally:
             self.execution = None
             # The job boundary: this thread's connection back to the pool, or closed if
@@ -651,6 +655,23 @@ class Worker(StarvationGuardMixin, SimpleWorker):
                 self._in_flight.pop(job.id, None)
                 self._changed.notify_all()
             self._slots.release()
+
+    def _fail_after_error_outside_job(self, job: RQJob, queue: Queue, exc_string: str) -> None:
+        """RQ's bookkeeping itself raised, outside the job's function (an exception handler
+        that raises, Redis away for longer than the retries): fail the job now, as RQ's
+        worker does when its work horse exits with an error, instead of leaving it "started"
+        until RQ gives it up as abandoned, its timeout + 60 s later. A job that finished (or
+        failed) before the error, or whose key is gone (result_ttl=0), is left alone."""
+        log.error(
+            "worker %s: job %s failed outside its function\n%s", self.name, job.id, exc_string
+        )
+        try:
+            if job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED):
+                return
+        except InvalidJobOperation:
+            return
+        job.ended_at = now()
+        self.handle_job_failure(job, queue=queue, exc_string=exc_string)
 
     def _monitor_main(self) -> None:
         interval = settings.AIQUEUE_HEARTBEAT_INTERVAL

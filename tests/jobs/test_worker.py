@@ -315,6 +315,31 @@ def test_a_suspended_threaded_worker_takes_no_job(redis_conn):
     assert queue.count == 1
 
 
+def test_an_error_outside_the_job_function_fails_the_job_at_once(redis_conn):
+    # Here an exception handler that raises (an error tracker that is down): RQ's bookkeeping
+    # stopped half-way, and the job stayed "started" until RQ gave it up as abandoned, its
+    # timeout + 60 s later. Stock RQ's worker fails it when its work horse exits so.
+    from runs.worker import Worker
+
+    def tracker_down(job, *exc_info):
+        raise ConnectionError("the error tracker is down")
+
+    queue = django_rq.get_queue("default")
+    broken = queue.enqueue("math.sqrt", -1, failure_ttl=600)
+    after = queue.enqueue("os.getpid", result_ttl=60)
+    worker = Worker(
+        [queue], connection=queue.connection, threads=1, exception_handlers=[tracker_down]
+    )
+    worker.work(burst=True, with_scheduler=False)
+    job = RQJob.fetch(broken.id, connection=redis_conn)
+    assert job.get_status() == JobStatus.FAILED
+    assert broken.id in queue.failed_job_registry
+    assert broken.id not in queue.started_job_registry
+    assert "the error tracker is down" in job.latest_result().exc_string
+    # The thread goes on to the next job.
+    assert RQJob.fetch(after.id, connection=redis_conn).get_status() == JobStatus.FINISHED
+
+
 # --- timed wake-ups: RQ's scheduler, and the reconciler as its safety net ----------------------
 
 
