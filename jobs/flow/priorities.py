@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 
 from django.conf import settings
+from rq.worker import DequeueStrategy
 
 
 class StarvationGuard:
@@ -43,6 +44,10 @@ class StarvationGuardMixin:
     """For an RQ Worker subclass: `class Worker(StarvationGuardMixin, SimpleWorker)`."""
 
     def reorder_queues(self, reference_queue) -> None:
+        if self._dequeue_strategy not in (None, DequeueStrategy.DEFAULT):
+            # `work(dequeue_strategy="round_robin" | "random")` asked for RQ's own order.
+            super().reorder_queues(reference_queue)
+            return
         guard = getattr(self, "_starvation_guard", None)
         if guard is None:
             guard = StarvationGuard(

@@ -340,6 +340,22 @@ def test_an_error_outside_the_job_function_fails_the_job_at_once(redis_conn):
     assert RQJob.fetch(after.id, connection=redis_conn).get_status() == JobStatus.FINISHED
 
 
+def test_a_burst_takes_jobs_round_robin_when_asked(redis_conn):
+    # work(dequeue_strategy="round_robin") was ignored: the starvation guard's order replaced
+    # RQ's, and every job of the first queue ran before any of the second.
+    from runs.worker import Worker
+
+    queues = [django_rq.get_queue(name) for name in ("high", "default")]
+    for queue in queues:
+        for i in range(2):
+            queue.enqueue("os.getpid", job_id=f"{queue.name}-{i}", result_ttl=60)
+    worker = Worker(queues, connection=redis_conn, threads=1)
+    worker.work(burst=True, with_scheduler=False, dequeue_strategy="round_robin")
+    ids = ["high-0", "high-1", "default-0", "default-1"]
+    started = {i: RQJob.fetch(i, connection=redis_conn).started_at for i in ids}
+    assert sorted(ids, key=started.get) == ["high-0", "default-0", "high-1", "default-1"]
+
+
 # --- timed wake-ups: RQ's scheduler, and the reconciler as its safety net ----------------------
 
 
