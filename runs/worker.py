@@ -572,7 +572,12 @@ class Worker(StarvationGuardMixin, SimpleWorker):
                     job, queue = result
                     self.reorder_queues(reference_queue=queue)
                     job.redis_server_version = self.get_redis_server_version()
-                    self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.id)
+                    if self.log_job_description:
+                        self.log.info(
+                            "Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id
+                        )
+                    else:
+                        self.log.info("Worker %s: %s: %s", self.name, queue.name, job.id)
                 elif timeout is None and self._wait_for_one_to_finish():
                     # A burst ends when the queues are empty and nothing runs: a job still in
                     # flight may yet enqueue more (a retry, a dependent, a document's chunks).

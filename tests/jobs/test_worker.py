@@ -356,6 +356,22 @@ def test_a_burst_takes_jobs_round_robin_when_asked(redis_conn):
     assert sorted(ids, key=started.get) == ["high-0", "default-0", "high-1", "default-1"]
 
 
+def test_each_job_taken_is_logged_as_rq_logs_it(redis_conn, caplog):
+    # With its description unless `log_job_description` is off; it was a debug line without it.
+    from runs.worker import Worker
+
+    queue = django_rq.get_queue("default")
+    worker = Worker([queue], connection=queue.connection, threads=1)
+    for log_description, logged in ((True, "default: {description} ({id})"), (False, ": {id}")):
+        job = queue.enqueue("os.getenv", "AIQUEUE_NO_SUCH_VARIABLE", result_ttl=0)
+        worker.log_job_description = log_description
+        caplog.clear()
+        with caplog.at_level("INFO", logger="rq.worker"):
+            worker.work(burst=True, with_scheduler=False)
+        assert logged.format(description=job.description, id=job.id) in caplog.text
+        assert ("AIQUEUE_NO_SUCH_VARIABLE" in caplog.text) is log_description
+
+
 # --- timed wake-ups: RQ's scheduler, and the reconciler as its safety net ----------------------
 
 
