@@ -88,8 +88,9 @@ def put_back_data_migration_rows(sender, using="default", **kwargs) -> None:
 
 
 # The longest groups of tests, each kept on one xdist worker (`--dist loadgroup`, see ./test):
-# fault tests each start a whole ./run, and browser tests share one chromium per worker.
-XDIST_GROUPS = ("faults", "browser")
+# fault tests each start a whole ./run, browser tests share one chromium per worker, and RQ's
+# own suite is one long test.
+XDIST_GROUPS = ("faults", "browser", "rq_suite")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
