@@ -218,10 +218,13 @@ AIQUEUE_HEARTBEAT_INTERVAL = env_int("AIQUEUE_HEARTBEAT_INTERVAL", 5, minimum=1)
 # 20 s = four missed beats; with the 10 s reconcile interval a dead worker's runs are back in
 # the queue within 30 s.
 AIQUEUE_STALE_RUNNING_AFTER = env_int("AIQUEUE_STALE_RUNNING_AFTER", 20, minimum=2)
-# Workers (runs.worker.Worker): jobs in flight per worker process, and how
-# long a stopping worker lets them finish before handing them back to the queue (8 s: within
-# the 10 s ./run waits before it kills what is left).
-AIQUEUE_WORKER_THREADS = env_int("AIQUEUE_WORKER_THREADS", 20, minimum=1)
+# Workers (runs.worker.Worker): jobs in flight per worker process (runs wait on the call loop,
+# jobs.providers.loop, without a thread each; AIQUEUE_WORKER_THREADS is the earlier name), and
+# how long a stopping worker lets them finish before handing them back to the queue (8 s:
+# within the 10 s ./run waits before it kills what is left).
+AIQUEUE_WORKER_CONCURRENCY = env_int(
+    "AIQUEUE_WORKER_CONCURRENCY", env_int("AIQUEUE_WORKER_THREADS", 200, minimum=1), minimum=1
+)
 # CPU priority of `manage.py worker` below the web process (os.nice increment; 0: same).
 AIQUEUE_WORKER_NICE = env_int("AIQUEUE_WORKER_NICE", 10, minimum=0)
 AIQUEUE_WORKER_SHUTDOWN_GRACE = env_int("AIQUEUE_WORKER_SHUTDOWN_GRACE", 8, minimum=0)

@@ -7,6 +7,7 @@ says queued and the reconciler will enqueue it again.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
@@ -92,8 +93,9 @@ def _not_before(when: datetime) -> datetime:
     return when
 
 
-# Enqueues held back until the RQ job that asked for them has been cleaned up (see _enqueue).
-_held = threading.local()
+# Enqueues held back until the RQ job that asked for them has been cleaned up (see _enqueue):
+# per run (a context variable is per thread and per greenlet on the call loop).
+_held: contextvars.ContextVar[list | None] = contextvars.ContextVar("held_enqueues", default=None)
 
 
 def _enqueue(job: Job, *, at: datetime | None) -> bool:
@@ -103,9 +105,11 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
         # Its RQ entry has the same id and RQ deletes that entry's hash once the run returns
         # (result_ttl 0), which would take the new schedule with it. The worker makes the
         # enqueue after RQ's cleanup (runs.worker.Worker.perform_job -> run_held_enqueues).
-        if not hasattr(_held, "items"):
-            _held.items = []
-        _held.items.append((job, at))
+        held = _held.get()
+        if held is None:
+            held = []
+            _held.set(held)
+        held.append((job, at))
         return True
     options = {
         "job_id": job.rq_job_id,
@@ -171,7 +175,8 @@ def enqueue_recovered(job: Job) -> bool:
 
 def run_held_enqueues() -> None:
     """Make the enqueues that runs held back for their own job (see _enqueue)."""
-    items, _held.items = getattr(_held, "items", []), []
+    items = _held.get() or []
+    _held.set(None)
     for job, at in items:
         _enqueue(job, at=at)
 

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from django.db import close_old_connections, connections
 
+from jobs.providers import loop
+
 
 def is_pooled(alias: str = "default") -> bool:
     return bool(connections[alias].settings_dict.get("OPTIONS", {}).get("pool"))
 
 
 def release_while_waiting() -> None:
-    """Return this thread's pooled connections to the pool (unless inside a transaction)."""
+    """Return this thread's pooled connections to the pool (unless inside a transaction).
+    Not on the call loop (jobs.providers.loop): its runs share one connection, which the
+    next run wants at once."""
+    if loop.current() is not None:
+        return
     for conn in connections.all(initialized_only=True):
         if conn.settings_dict.get("OPTIONS", {}).get("pool") and not conn.in_atomic_block:
             conn.close()

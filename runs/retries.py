@@ -57,6 +57,7 @@ from tenacity import (
 from jobs import credit, services
 from jobs.flow import breaker, retry_budget
 from jobs.models import Job, Provider
+from jobs.providers import loop
 from jobs.providers.base import (
     Completion,
     CompletionRequest,
@@ -244,7 +245,7 @@ class _Run:
             stop=lambda _state: self.used >= self.max_attempts,
             wait=self._wait,
             before_sleep=self._before_sleep,
-            sleep=time.sleep,
+            sleep=loop.sleep,  # a run on the call loop parks instead of blocking it
             reraise=True,
         )
         try:

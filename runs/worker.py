@@ -1,21 +1,23 @@
 """The aiqueue worker: RQ's worker, many jobs at once in one process, plus the reconciler in
 its maintenance pass.
 
-`Worker` runs up to N jobs at once, one pool thread per job in flight: an AI call is almost
-all waiting, so one process holds dozens of calls instead of one. `manage.py worker
---threads N` runs it (N from AIQUEUE_WORKER_THREADS); so does django-rq's `rqworker
---worker-class runs.worker.Worker` (or `runs.worker.ThreadPoolWorker`, the name earlier
-releases documented). The reconciler runs here rather than as a job scheduled in Redis
+`Worker` runs up to N jobs at once (AIQUEUE_WORKER_CONCURRENCY): an AI call is almost all
+waiting, so one process holds hundreds of calls. aiqueue's runs wait on the call loop
+(jobs.providers.loop: one thread, a greenlet per run, parked on its provider's socket), not on
+a thread each; any other RQ job function runs on a thread of its own, as blocking code may.
+`manage.py worker --concurrency N` runs it; so does django-rq's `rqworker --worker-class
+runs.worker.Worker` (or `runs.worker.ThreadPoolWorker`, the name earlier releases documented).
+The reconciler runs here rather than as a job scheduled in Redis
 because it must survive Redis losing its data: a schedule stored in Redis would be lost with it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import logging
 import math
 import os
-import queue as queue_module
 import signal
 import threading
 import time
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import greenlet
 import redis
 from django.conf import settings
 from django.db import close_old_connections, connections
@@ -41,6 +44,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from jobs import drain, processes, queueing, services
 from jobs.flow.priorities import StarvationGuardMixin
 from jobs.models import Job
+from jobs.providers import loop
 from runs import dbconn, heartbeats, reconcile, runner, shutdown
 
 log = logging.getLogger(__name__)
@@ -130,7 +134,7 @@ def retry_redis(what: str, fn: Callable[[], Any], worker_name: str, limit_s: flo
             if time.monotonic() >= deadline:
                 raise
             gate.failed(what, exc)
-            time.sleep(gate.seconds_to_retry())
+            loop.sleep(gate.seconds_to_retry())  # a run on the call loop parks
             continue
         gate.succeeded()
         return result
@@ -148,15 +152,21 @@ class ThreadDeathPenalty(BaseDeathPenalty):
     An asynchronous exception is delivered when the thread next runs Python code: a thread
     blocked in one long socket read gets it when the read returns. Provider calls therefore
     carry their own read timeout, below the RQ timeout (jobs.queueing.RQ_TIMEOUT_MARGIN_S).
+
+    A run on the call loop (jobs.providers.loop) gets it where it waits instead: a timer on
+    the loop throws it into that run's greenlet, and the other runs on the loop go on.
     """
 
     def __init__(self, timeout, exception=JobTimeoutException, **kwargs) -> None:
         super().__init__(timeout, exception, **kwargs)
         self._thread_id = threading.get_ident()
+        self._call_loop = loop.current()
+        self._run = greenlet.getcurrent()
         self._lock = threading.Lock()
         self._armed = False
         self._fired = False
         self._timer: threading.Timer | None = None
+        self._loop_timer: int | None = None
         message = f"Task exceeded maximum timeout value ({timeout} seconds)"
 
         def init(self_exc, *args) -> None:
@@ -180,8 +190,12 @@ class ThreadDeathPenalty(BaseDeathPenalty):
     def setup_death_penalty(self) -> None:
         with self._lock:
             self._armed = True
-            ThreadDeathPenalty._armed_in[self._thread_id] = self
+            if self._call_loop is None:
+                ThreadDeathPenalty._armed_in[self._thread_id] = self
         if self._timeout <= 0:
+            return
+        if self._call_loop is not None:
+            self._loop_timer = self._call_loop.call_later(self._timeout, self._fire)
             return
         self._timer = threading.Timer(self._timeout, self._fire)
         self._timer.daemon = True
@@ -193,7 +207,10 @@ class ThreadDeathPenalty(BaseDeathPenalty):
                 return False
             self._armed = False
             self._fired = True
-            _set_async_exc(self._thread_id, exception or self._exception)
+            if self._call_loop is not None:
+                self._call_loop.throw(self._run, exception or self._exception)
+            else:
+                _set_async_exc(self._thread_id, exception or self._exception)
             return True
 
     @classmethod
@@ -210,6 +227,12 @@ class ThreadDeathPenalty(BaseDeathPenalty):
                 del ThreadDeathPenalty._armed_in[self._thread_id]
             if self._timer is not None:
                 self._timer.cancel()
+            if self._call_loop is not None:
+                # On the loop's own thread: a fired timer's exception was thrown where the run
+                # waited, so it has been raised in it already (the run is running now).
+                if self._loop_timer is not None:
+                    self._call_loop.cancel(self._loop_timer)
+                return
             if self._fired:
                 # Fired, but the job ended before the exception was delivered: drop it.
                 _set_async_exc(self._thread_id, None)
@@ -231,18 +254,23 @@ class _InFlight:
     job: RQJob
     queue: Queue
     execution: Any = None
-    thread_id: int | None = None
+    thread_id: int | None = None  # the thread of a plain RQ job (a run on the loop has none)
 
 
 class Worker(StarvationGuardMixin, SimpleWorker):
-    """Runs up to `threads` jobs at once in one process, keeping RQ's guarantees per job.
+    """Runs up to `threads` jobs at once in one process (AIQUEUE_WORKER_CONCURRENCY; the name
+    is RQ's and earlier releases'), keeping RQ's guarantees per job.
 
     - The main thread dequeues (priority order: the queue order, high → default → low) only
-      when a thread is free, so no job waits in this process's memory where a crash would
+      when a slot is free, so no job waits in this process's memory where a crash would
       lose it. It also runs the maintenance pass (RQ registries, scheduler, reconciler).
-    - Each job runs in a pool thread with RQ's own bookkeeping: an execution in the queue's
+    - Each job runs with RQ's own bookkeeping: an execution in the queue's
       StartedJobRegistry, the job's timeout (ThreadDeathPenalty), success/failure handling.
-      Its database connections are closed (or returned to the pool) when it ends.
+      An aiqueue run (`runs.tasks.run_job`) runs on the call loop (jobs.providers.loop): a
+      greenlet that parks while its provider answers, so a call in flight holds no thread;
+      the runs share the loop thread's database connection. Any other job function gets a
+      thread of its own. Database connections are closed (or returned to the pool) when a
+      job ends.
     - A monitor thread beats every AIQUEUE_HEARTBEAT_INTERVAL s: one UPDATE refreshes
       `heartbeat_at` of every run in flight (runs.heartbeats) and one Redis pipeline refreshes
       the worker's and every execution's RQ heartbeat.
@@ -253,10 +281,10 @@ class Worker(StarvationGuardMixin, SimpleWorker):
       jobs; the fencing token keeps a late finisher from finishing twice.
     - Redis away: the worker's own Redis calls go through a RedisGate and the loop goes on.
 
-    `inline=True` runs each job on the thread that called `work()` instead of a pool thread,
-    one at a time: for a caller whose database connection the runs must share, which is the
-    test suite's in-process worker inside a test's transaction. Everything else (dequeue,
-    bookkeeping, the monitor's beats, stopping) is the same code.
+    `inline=True` runs each job on the thread that called `work()` instead, one at a time: for a
+    caller whose database connection the runs must share, which is the test suite's in-process
+    worker inside a test's transaction. Everything else (dequeue, bookkeeping, the monitor's
+    beats, stopping) is the same code.
     """
 
     death_penalty_class = ThreadDeathPenalty
@@ -269,16 +297,16 @@ class Worker(StarvationGuardMixin, SimpleWorker):
         inline: bool = False,
         **kwargs,
     ) -> None:
-        # Before RQ's __init__, which sets `self.execution` (a per-thread property here).
-        self._local = threading.local()
+        # Before RQ's __init__, which sets `self.execution` (one per run here: a context
+        # variable is per thread and per greenlet).
+        self._execution: contextvars.ContextVar = contextvars.ContextVar("execution", default=None)
         self.inline = inline
-        self.threads = 1 if inline else threads or settings.AIQUEUE_WORKER_THREADS
+        self.threads = 1 if inline else threads or settings.AIQUEUE_WORKER_CONCURRENCY
         self.shutdown_grace = (
             settings.AIQUEUE_WORKER_SHUTDOWN_GRACE if shutdown_grace is None else shutdown_grace
         )
         self._slots = threading.Semaphore(self.threads)
-        self._tasks: queue_module.SimpleQueue = queue_module.SimpleQueue()
-        self._pool: list[threading.Thread] = []
+        self._call_loop: loop.CallLoop | None = None
         self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -301,14 +329,14 @@ class Worker(StarvationGuardMixin, SimpleWorker):
         for client in (self.connection, queueing.connection()):
             queueing.allow_connections(client, 2 * self.threads + 8)
 
-    # RQ keeps "the" current execution on the worker; here there is one per thread.
+    # RQ keeps "the" current execution on the worker; here there is one per run.
     @property
     def execution(self):
-        return getattr(self._local, "execution", None)
+        return self._execution.get()
 
     @execution.setter
     def execution(self, value) -> None:
-        self._local.execution = value
+        self._execution.set(value)
 
     @property
     def in_flight(self) -> int:
@@ -450,7 +478,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
         with self._lock:
             flight = self._in_flight.get(job_id)
             thread_id = flight.thread_id if flight is not None else None
-            if thread_id is None:
+            if flight is None or flight.execution is None:  # not started, or ending
                 log.info("worker %s: not running job %s, stop ignored", self.name, job_id)
                 return False
             is_run = flight.job.func_name == queueing.TASK
@@ -465,7 +493,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             return job is not None
         with self._lock:
             self._stopping.add(job_id)
-        if not self.death_penalty_class.stop_thread(thread_id, JobStopped):
+        if thread_id is None or not self.death_penalty_class.stop_thread(thread_id, JobStopped):
             with self._lock:
                 self._stopping.discard(job_id)
             return False
@@ -495,8 +523,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             # work() again after an earlier work() ended (a burst, then another): that one's
             # threads have exited; start afresh, as RQ's workers allow.
             self._monitor_stop = threading.Event()
-            self._monitor, self._pool = None, []
-            self._tasks = queue_module.SimpleQueue()
+            self._monitor, self._call_loop = None, None
             self._slots = threading.Semaphore(self.threads)
             self._draining = self._cold = False
         heartbeats.install(self._beats)
@@ -504,6 +531,7 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             return super().work(*args, **kwargs)
         finally:
             heartbeats.install(None)
+            loop.install(None)
 
     # --- the main thread: dequeue when a thread is free -----------------------------------
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
@@ -617,37 +645,36 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             self._in_flight[job.id] = _InFlight(job, queue)
         if self.inline:
             self._run_one(job, queue)
+        elif job.func_name == queueing.TASK:
+            self._call_loop.spawn(self._run_one, job, queue)
         else:
-            self._tasks.put((job, queue))
+            threading.Thread(
+                target=self._run_in_thread, args=(job, queue), name=f"job-{job.id}", daemon=True
+            ).start()
 
     def _start_threads(self) -> None:
         if self._monitor is not None or self._monitor_stop.is_set():
             return
         if not self.inline:
-            for i in range(self.threads):
-                thread = threading.Thread(target=self._thread_main, name=f"job-{i}", daemon=True)
-                thread.start()
-                self._pool.append(thread)
+            self._call_loop = loop.CallLoop().start()
+            loop.install(self._call_loop)
         self._monitor = threading.Thread(target=self._monitor_main, name="monitor", daemon=True)
         self._monitor.start()
 
-    # --- running one job: a pool thread, or the caller's (inline) ---------------------------
-    def _thread_main(self) -> None:
-        while True:
-            item = self._tasks.get()
-            if item is None:
-                return
-            try:
-                self._run_one(*item)
-            except BaseException:  # a thread must survive whatever one job does
-                log.exception("worker thread: job %s ended abnormally", item[0].id)
+    # --- running one job: on the call loop, a thread of its own, or the caller's (inline) ---
+    def _run_in_thread(self, job: RQJob, queue: Queue) -> None:
+        try:
+            self._run_one(job, queue)
+        except BaseException:  # a stray timeout or stop after the job's own handling
+            log.exception("worker thread: job %s ended abnormally", job.id)
 
     def _run_one(self, job: RQJob, queue: Queue) -> None:
         try:
             retry_redis(f"starting {job.id}", lambda: self.prepare_execution(job), self.name)
             with self._lock:
                 self._in_flight[job.id].execution = self.execution
-                self._in_flight[job.id].thread_id = threading.get_ident()
+                if loop.current() is None:
+                    self._in_flight[job.id].thread_id = threading.get_ident()
             self.perform_job(job, queue)
         except Exception:
             self._fail_after_error_outside_job(job, queue, traceback.format_exc())
@@ -743,8 +770,8 @@ class Worker(StarvationGuardMixin, SimpleWorker):
             # handler: a Redis call there could wait on a lock the interrupted code holds).
             self._loop_gate.call("recording the stop", self.set_shutdown_requested_date)
         self._drain()
-        for _ in self._pool:
-            self._tasks.put(None)
+        if self._call_loop is not None:
+            self._call_loop.stop()  # its thread ends once no run is left on it
         self._monitor_stop.set()  # no beat may re-add an execution the hand-back dropped
         handed_back = self._hand_back()
         self._register_stop()
@@ -789,9 +816,9 @@ class Worker(StarvationGuardMixin, SimpleWorker):
 def build_worker(
     *, name: str | None = None, threads: int | None = None, inline: bool = False
 ) -> Worker:
-    """The worker on aiqueue's queues with `threads` pool threads (AIQUEUE_WORKER_THREADS when
-    None, what `manage.py worker` passes); `inline=True` runs the jobs on the calling thread
-    (the test suite's in-process worker)."""
+    """The worker on aiqueue's queues running `threads` jobs at once (AIQUEUE_WORKER_CONCURRENCY
+    when None); `inline=True` runs the jobs on the calling thread (the test suite's in-process
+    worker)."""
     queues = [queueing.queue(q) for q in settings.RQ_QUEUE_NAMES]
     return Worker(
         queues, connection=queues[0].connection, name=name, threads=threads, inline=inline

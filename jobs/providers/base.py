@@ -7,6 +7,7 @@ produce mock here and nowhere else.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ import httpx
 
 from jobs import provider_keys
 from jobs.inputs import scrub
+from jobs.providers import loop
 
 if TYPE_CHECKING:
     from jobs.models import Provider
@@ -286,7 +288,10 @@ class CallAborted(Exception):
         self.reason = reason
 
 
-_calling = threading.local()
+# The call the current thread (or run on the call loop: jobs.providers.loop) is making.
+_calling: contextvars.ContextVar[CallHandle | None] = contextvars.ContextVar(
+    "provider_call", default=None
+)
 
 
 class CallHandle:
@@ -332,11 +337,11 @@ class CallHandle:
     def __enter__(self) -> CallHandle:
         if self.abort_reason is not None:
             raise CallAborted(self.abort_reason)
-        _calling.handle = self
+        _calling.set(self)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        _calling.handle = None
+        _calling.set(None)
         with self._lock:
             self._streams.clear()
 
@@ -359,7 +364,7 @@ class _AbortableStream(httpcore.NetworkStream):
         self._inner = inner
 
     def _seen(self) -> None:
-        handle = getattr(_calling, "handle", None)
+        handle = _calling.get()
         if handle is not None:
             handle.attach(self)
 
@@ -574,14 +579,23 @@ def structured_confidence(text: str) -> float | None:
     return float(value) if 0 <= value <= 1 else None
 
 
-def abortable_transport() -> httpx.HTTPTransport:
+def abortable_transport(*, on_loop: bool = False) -> httpx.HTTPTransport:
     """A pooled transport whose calls a CallHandle can cut off. retries=0 said out loud: the
-    one retry layer is runs.retries (retries stacked in several layers multiply)."""
-    transport = httpx.HTTPTransport(
-        retries=0, limits=httpx.Limits(max_connections=50, max_keepalive_connections=50)
+    one retry layer is runs.retries (retries stacked in several layers multiply).
+
+    `on_loop`: the transport of the runs on the call loop (jobs.providers.loop), whose sockets
+    park the run instead of blocking. Its pool has no connection limit: a run waiting for a
+    free connection would wait on a lock and hold up every run on the loop; how many calls a
+    process makes at once is the worker's concurrency."""
+    limits = (
+        httpx.Limits(max_connections=None, max_keepalive_connections=100)
+        if on_loop
+        else httpx.Limits(max_connections=50, max_keepalive_connections=50)
     )
+    transport = httpx.HTTPTransport(retries=0, limits=limits)
     pool = transport._pool
-    pool._network_backend = AbortableBackend(pool._network_backend)
+    inner = loop.GreenBackend() if on_loop else pool._network_backend
+    pool._network_backend = AbortableBackend(inner)
     return transport
 
 
@@ -590,18 +604,19 @@ def abortable_transport() -> httpx.HTTPTransport:
 # at 250 ms latency one client reached 30% of the ideal rate, four 74% (bench/httpclients.py,
 # docs/benchmarks.md; encode/httpx#3215). Rebuilt when the provider row changes (timeouts
 # edited in the admin).
-_clients: dict[tuple[int, float], tuple[list[httpx.Client], itertools.count]] = {}
+_clients: dict[tuple[int, float, bool], tuple[list[httpx.Client], itertools.count]] = {}
 _clients_lock = threading.Lock()
 
 
 def client_for(provider: Provider) -> httpx.Client:
     from django.conf import settings
 
-    key = (provider.pk, provider.updated_at.timestamp() if provider.updated_at else 0.0)
+    on_loop = loop.current() is not None
+    key = (provider.pk, provider.updated_at.timestamp() if provider.updated_at else 0.0, on_loop)
     with _clients_lock:
         entry = _clients.get(key)
         if entry is None:
-            for old_key in [k for k in _clients if k[0] == provider.pk]:
+            for old_key in [k for k in _clients if k[0] == provider.pk and k[2] == on_loop]:
                 for old in _clients.pop(old_key)[0]:
                     old.close()
             timeout = httpx.Timeout(
@@ -610,9 +625,11 @@ def client_for(provider: Provider) -> httpx.Client:
                 write=provider.connect_timeout_s,
                 pool=provider.connect_timeout_s,
             )
+            # The loop's runs share one client: they take turns on one thread, so its pool's
+            # lock is never contended.
             clients = [
-                httpx.Client(timeout=timeout, transport=abortable_transport())
-                for _ in range(settings.AIQUEUE_HTTP_CLIENTS)
+                httpx.Client(timeout=timeout, transport=abortable_transport(on_loop=on_loop))
+                for _ in range(1 if on_loop else settings.AIQUEUE_HTTP_CLIENTS)
             ]
             entry = _clients[key] = (clients, itertools.count())
         clients, turns = entry

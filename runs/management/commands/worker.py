@@ -1,4 +1,4 @@
-"""Start an aiqueue worker: `manage.py worker [--threads N] [--burst] [--no-scheduler]`."""
+"""Start an aiqueue worker: `manage.py worker [--concurrency N] [--burst] [--no-scheduler]`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from runs.worker import build_worker
 class Command(BaseCommand):
     help = (
         "Run an aiqueue worker on the high, default and low queues (in that order), with "
-        "--threads jobs in flight at once."
+        "--concurrency jobs in flight at once."
     )
 
     def add_arguments(self, parser) -> None:
@@ -31,11 +31,13 @@ class Command(BaseCommand):
             "wait for its predecessor's registration in Redis to expire).",
         )
         parser.add_argument(
-            "--threads",
+            "--concurrency",
+            "--threads",  # the earlier name
+            dest="concurrency",
             type=int,
             default=None,
-            help="Jobs run at once in this process (default: AIQUEUE_WORKER_THREADS); "
-            "1 runs one job at a time without threads.",
+            help="Jobs run at once in this process (default: AIQUEUE_WORKER_CONCURRENCY); "
+            "aiqueue's runs wait on one call loop, not on a thread each.",
         )
 
     def handle(self, *args, **options) -> None:
@@ -43,7 +45,7 @@ class Command(BaseCommand):
             # Background work yields the CPU to the web process on a shared machine: a burst
             # of jobs must not slow the pages people are using (docs/architecture.md).
             os.nice(settings.AIQUEUE_WORKER_NICE)
-        threads = options["threads"] or settings.AIQUEUE_WORKER_THREADS
+        threads = options["concurrency"] or settings.AIQUEUE_WORKER_CONCURRENCY
         size_db_pool(threads)
         name = f"{options['name']}.{os.getpid()}" if options["name"] else None
         worker = build_worker(name=name, threads=threads)
