@@ -168,5 +168,12 @@ class FairQueue(DjangoRQ):
             client.zrem(ranks_key(self.key), job_id)
             super().push_job_id(job_id, pipeline=pipeline, at_front=at_front)
             return
+        args = [job_id, lane, HEAD_SCAN, PIVOT_TRIES]
+        if pipeline is not None:
+            # EVAL with the script's text, not redis-py's Script: in a pipeline that asks
+            # SCRIPT EXISTS first, a round trip of its own on every enqueue. Redis keeps the
+            # compiled script by its SHA1, so sending the text costs only the bytes.
+            pipeline.eval(_PUSH, len(_keys(self.key)), *_keys(self.key), *args)
+            return
         script = self.connection.register_script(_PUSH)  # just its SHA1: loaded on first use
-        script(keys=_keys(self.key), args=[job_id, lane, HEAD_SCAN, PIVOT_TRIES], client=client)
+        script(keys=_keys(self.key), args=args, client=client)

@@ -19,6 +19,7 @@ import django_rq
 import redis
 import rq
 from django.conf import settings
+from django.db import transaction
 from rq import get_current_job
 from rq.job import Job as RQJob
 from rq.job import JobStatus
@@ -111,21 +112,44 @@ def _enqueue(job: Job, *, at: datetime | None) -> bool:
             _held.set(held)
         held.append((job, at))
         return True
-    options = {
+    options = {  # as RQ's create_job and enqueue_call name them
         "job_id": job.rq_job_id,
-        "job_timeout": job.workload.timeout_s + RQ_TIMEOUT_MARGIN_S,
+        "timeout": job.workload.timeout_s + RQ_TIMEOUT_MARGIN_S,
         "result_ttl": 0,
         "failure_ttl": 24 * 3600,
         "description": f"{job.workload.name} {job.code}",
     }
     if settings.AIQUEUE_FAIR_SHARE:
         options["meta"] = {fairshare.LANE_META: fairshare.lane_of(job)}
+    if at is not None:
+        try:  # what RQ's enqueue_at does, with these options' names (one MULTI)
+            rq_queue = queue(job.priority)
+            rq_job = rq_queue.create_job(
+                TASK, args=(str(job.code),), status=JobStatus.SCHEDULED, **options
+            )
+            rq_queue.schedule_job(rq_job, _not_before(at))
+        except redis.RedisError as exc:
+            log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
+            return False
+        return True
+    if transaction.get_connection().in_atomic_block:
+        # What django-rq's "on_db_commit" mode does for an enqueue, which _push goes around:
+        # a job goes on its queue only once its row is committed.
+        transaction.on_commit(lambda: _push(job, options))
+        return True
+    return _push(job, options)
+
+
+def _push(job: Job, options: dict) -> bool:
+    """Put the job on its queue in one MULTI: RQ's queue registration, the job's hash and the
+    push (RQ on its own sends the registration in a round trip of its own). RQ's
+    `enqueue_call` is called as `rq.Queue` defines it, so that django-rq's deferral to the
+    commit (see _enqueue) cannot take the pipeline's commands past its execute()."""
     try:
         rq_queue = queue(job.priority)
-        if at is None:
-            rq_queue.enqueue(TASK, str(job.code), **options)
-        else:
-            rq_queue.enqueue_at(_not_before(at), TASK, str(job.code), **options)
+        with rq_queue.connection.pipeline() as pipe:
+            rq.Queue.enqueue_call(rq_queue, TASK, (str(job.code),), pipeline=pipe, **options)
+            pipe.execute()
     except redis.RedisError as exc:
         log.warning("job=%s enqueue failed, the reconciler will retry: %s", job.code, exc)
         return False

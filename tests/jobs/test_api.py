@@ -4,7 +4,10 @@ import json
 from datetime import timedelta
 
 import pytest
+import redis
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs import services
@@ -406,3 +409,40 @@ def test_named_fields_read_the_same_from_the_form_the_api_and_a_batch(
         assert not form.is_valid()
         assert form.errors[f"field_{refused}"] == ["Enter a value."]
         assert row.error.startswith(f"empty value for {refused!r}")
+
+
+def test_a_submission_makes_six_statements_and_two_redis_round_trips(
+    client, token, workload, redis_conn, monkeypatch, django_capture_on_commit_callbacks
+):
+    # The lean submit path (bench/submit.py): a regression here shows as CPU per submission.
+    def submit():
+        with django_capture_on_commit_callbacks(execute=True):
+            response = post_job(
+                client, {"workload": workload.name, "input": "x"}, Authorization=f"Bearer {token}"
+            )
+        assert response.status_code == 202
+
+    submit()  # connections opened, the token's last use recorded
+    sent = []  # one packed send per round trip, a pipeline's commands all in one
+    real_send = redis.connection.Connection.send_packed_command
+    monkeypatch.setattr(
+        redis.connection.Connection,
+        "send_packed_command",
+        lambda self, command, *a, **kw: (
+            sent.append(b"".join(command)) or real_send(self, command, *a, **kw)
+        ),
+    )
+    with CaptureQueriesContext(connection) as queries:
+        submit()
+
+    statements = [query["sql"].split()[0] for query in queries.captured_queries]
+    # token, workload; the row, the budgets that apply, the event (in the test's savepoint)
+    assert statements == ["SELECT", "SELECT", "SAVEPOINT", "INSERT", "SELECT", "INSERT", "RELEASE"]
+    assert len(sent) == 2, sent
+    watchers, enqueue = sorted(sent, key=lambda packet: b"MULTI" in packet)
+    assert b"ZRANGEBYSCORE" in watchers  # is anyone watching the job or the lists
+    for command in (b"SADD", b"HSET", b"EVAL", b"EXEC"):  # registration, hash, fair push
+        assert command in enqueue
+    assert b"SCRIPT" not in enqueue
+    assert Job.objects.count() == 2
+    assert len(redis_conn.lrange("rq:queue:default", 0, -1)) == 2
