@@ -642,6 +642,18 @@ class Worker(StarvationGuardMixin, SimpleWorker):
 
     def execute_job(self, job: RQJob, queue: Queue) -> None:
         with self._lock:
+            if job.id in self._in_flight:
+                # A second queue entry of a job this worker has taken and not finished: the
+                # reconciler re-enqueues an entry it finds "queued" on no queue, which is also
+                # what a popped entry looks like until its run marks it started, and on a busy
+                # call loop that can take a while. Its run here is the one; drop the copy.
+                log.warning(
+                    "worker %s: job %s is already running here; dropped a second entry",
+                    self.name,
+                    job.id,
+                )
+                self._slots.release()
+                return
             self._in_flight[job.id] = _InFlight(job, queue)
         if self.inline:
             self._run_one(job, queue)

@@ -52,7 +52,13 @@ def test_both_web_processes_took_submissions(result):
 def test_no_job_ran_twice_and_the_ledger_matches_the_calls(result):
     assert result["succeeded_twice"] == 0
     assert result["answered_twice"] == 0
-    assert result["ledger_rows"] == result["provider_calls"]
+    # The ledger is written ahead (jobs.ledger): every call the provider saw has its row, and
+    # the only rows without a call are the killed worker's, opened before its request left
+    # and settled "unknown" at their worst case (how many of them reached the provider
+    # before the kill depends on the machine's load: all of them when idle, none in a busy CI).
+    assert result["provider_calls"] <= result["ledger_rows"]
+    assert result["ledger_rows"] - result["unknown_outcome"] <= result["provider_calls"]
+    assert result["unknown_outcome"] <= result["killed_worker_running"]
     # Every job the surviving workers started ended succeeded; none failed or was lost.
     assert result["succeeded"] + result["unsettled"] == result["jobs"]
     assert result["unsettled"] == result["unsettled_never_started"]

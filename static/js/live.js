@@ -39,26 +39,54 @@
       function (box) { return [box.name, box.value]; });
   }
 
-  // A re-fetched region (data-live-refresh; it needs an id) keeps the ticks of the bulk-action
-  // boxes whose rows are still in it: the ticks are read just before the swap, so boxes ticked
-  // while the request was out are kept too. Keyed by id, since an outerHTML swap puts a new
-  // element in the old one's place.
-  var keptTicks = {};
+  // A re-fetched region (data-live-refresh; it needs an id) keeps what the viewer was doing in
+  // it: the ticks of the bulk-action boxes whose rows are still in it, the text typed into its
+  // fields (a reject reason half written) and the focus, so a new review item arriving while
+  // someone types does not wipe the reason or send their Enter nowhere. Read just before the
+  // swap, so boxes ticked while the request was out are kept too. Keyed by id, since an
+  // outerHTML swap puts a new element in the old one's place.
+  var kept = {};
+
+  function typedIn(root) {
+    return Array.prototype.filter.call(root.querySelectorAll("input[type=text][name], textarea[name]"),
+      function (field) { return field.value !== field.defaultValue; })
+      .map(function (field) { return [field.name, field.value]; });
+  }
+
   document.addEventListener("htmx:beforeSwap", function (event) {
     var region = event.detail.target;
     if (!region || !region.id || !region.hasAttribute("data-live-refresh")) return;
-    delete keptTicks[region.id];
-    if (event.detail.shouldSwap) keptTicks[region.id] = tickedIn(region);
+    delete kept[region.id];
+    if (!event.detail.shouldSwap) return;
+    var focused = document.activeElement;
+    kept[region.id] = {
+      ticks: tickedIn(region),
+      typed: typedIn(region),
+      focus: focused && focused.name && region.contains(focused) ? focused.name : null
+    };
   });
   document.addEventListener("htmx:afterSwap", function (event) {
     var region = event.target;
-    var ticks = region && region.id && keptTicks[region.id];
-    if (!ticks || !region.hasAttribute("data-live-refresh")) return;
-    delete keptTicks[region.id];
-    ticks.forEach(function (tick) {
+    var state = region && region.id && kept[region.id];
+    if (!state || !region.hasAttribute("data-live-refresh")) return;
+    delete kept[region.id];
+    state.ticks.forEach(function (tick) {
       var box = checkbox(region, tick[0], tick[1]);
       if (box) box.checked = true;
     });
+    state.typed.forEach(function (entry) {
+      var field = region.querySelector("[name='" + CSS.escape(entry[0]) + "']");
+      if (field && "value" in field) field.value = entry[1];
+    });
+    if (state.focus) {
+      var again = region.querySelector("[name='" + CSS.escape(state.focus) + "']");
+      if (again) {
+        again.focus();
+        if (typeof again.setSelectionRange === "function" && again.value) {
+          again.setSelectionRange(again.value.length, again.value.length);
+        }
+      }
+    }
   });
 
   document.addEventListener("htmx:oobBeforeSwap", function (event) {

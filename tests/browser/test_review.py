@@ -164,3 +164,50 @@ def test_enter_in_the_bulk_reject_reason_rejects_not_approves(
     assert dialogs == ["Reject the 1 selected output(s)? Their jobs fail with this reason."]
     item.refresh_from_db()
     assert (item.resolution, item.note) == ("rejected", "spam, not a real message")
+
+
+def test_a_refresh_landing_while_typing_a_reason_keeps_the_tick_the_text_and_the_focus(
+    live_app, page, simulator, classify_workload, user
+):
+    """The inbox re-fetches its table when its socket opens and whenever an item arrives or
+    is resolved elsewhere; it holds back while the reviewer is busy (static/js/review.js), but a
+    re-fetch already on its way lands whenever it lands. Seen in CI: the socket's first refresh
+    landed between typing a reject reason and Enter, the reason was wiped and Enter went
+    nowhere. Here the re-fetch is held at the network until the reviewer has ticked and typed."""
+    make_user("rita", role="reviewer")
+    job = submit_and_wait_for_review(classify_workload, user, "Cheap pills [[low-confidence]]")
+    item = ReviewItem.objects.get(job=job)
+    log_in(page, live_app, "rita", "pw-rita-123")
+    page.goto(f"{live_app.url}/review/")
+    page.wait_for_function("() => window.htmx !== undefined")
+    expect(page.locator(".live-note")).to_be_hidden()
+    held = []
+    page.route(
+        "**/review/*",
+        lambda route: (
+            held.append(route) if route.request.headers.get("hx-request") else route.continue_()
+        ),
+    )
+    page.evaluate(
+        """() => {
+          window.__settled = 0;
+          document.addEventListener("htmx:afterSettle", () => { window.__settled += 1; });
+          htmx.trigger(document.getElementById("review-table"), "live-refresh");
+        }"""
+    )
+    wait_for(lambda: page.evaluate("() => 1") and held, timeout=10)
+    page.locator(f"#review-row-{item.pk} input[type=checkbox]").check()
+    page.locator("#bulk-form input[name=reason]").fill("duplicate of an earlier message")
+    while held:
+        held.pop().continue_()
+    page.wait_for_function("() => window.__settled >= 1", timeout=15_000)
+
+    reason = page.locator("#bulk-form input[name=reason]")
+    expect(reason).to_have_value("duplicate of an earlier message")
+    expect(reason).to_be_focused()
+    expect(page.locator(f"#review-row-{item.pk} input[type=checkbox]")).to_be_checked()
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.keyboard.press("Enter")
+    expect(page.locator(".all-clear")).to_be_visible()
+    item.refresh_from_db()
+    assert (item.resolution, item.note) == ("rejected", "duplicate of an earlier message")

@@ -244,6 +244,34 @@ def test_sigkill_with_calls_in_flight_recovers_all_and_charges_each_success_once
         assert "worker lost: its process is gone" in reasons
 
 
+def test_a_second_queue_entry_of_a_job_running_here_is_dropped(
+    redis_conn, workload, user, simulator, tmp_path
+):
+    """The reconciler re-enqueues an entry that says "queued" but is on no queue, which is
+    also how an entry looks between its pop and its run's start; on a busy call loop that
+    window is wide (seen in CI: KeyError in the worker, the copy run beside the first). The
+    copy must not run, nor end the first run's RQ execution under it."""
+    simulator.control(latency_ms=3000)
+    job = submit(workload, user, "notes taken once")
+    worker = start_worker(tmp_path, threads=10)
+    try:
+        wait_for(lambda: simulator.counters()["in_flight"] == 1, timeout=30)
+        rq_queue = django_rq.get_queue(job.priority)
+        redis_conn.rpush(rq_queue.key, job.rq_job_id)
+        wait_for(lambda: redis_conn.llen(rq_queue.key) == 0, timeout=10)
+        time.sleep(0.5)  # the copy, had it run, would have ended by now (the row is running)
+        assert simulator.counters()["in_flight"] == 1
+        assert RQJob.fetch(job.rq_job_id, connection=redis_conn).get_status() == "started"
+        wait_for(lambda: count([job], "succeeded") == 1, timeout=30)
+    finally:
+        stop(worker)
+    assert simulator.counters()["requests_total"] == 1
+    assert Attempt.objects.filter(job=job).count() == 1
+    logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    assert "Traceback" not in logs
+    assert "already running here; dropped a second entry" in logs
+
+
 def test_more_threads_than_redis_py_allows_by_default_all_get_a_connection(redis_conn):
     # redis-py refuses a 101st connection per pool (MaxConnectionsError); a job thread can
     # hold two at once. 120 threads, each holding a connection for 1 s at the same moment:
