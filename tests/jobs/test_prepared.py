@@ -6,8 +6,9 @@ import pytest
 from django.contrib.auth.models import Group
 from django.utils import timezone
 
-from jobs import api, prepared
+from jobs import api, prepared, services
 from jobs.models import ApiToken, Job, Provider, Workload
+from runs import runner
 
 
 def fields_of(instance) -> dict:
@@ -70,8 +71,36 @@ def test_a_paused_workload_is_refused_by_the_next_submission(client, token, work
     assert client.post("/api/jobs", body, "application/json", headers=headers).status_code == 503
 
 
-def test_a_join_on_a_nullable_key_is_refused(db):
-    # An INNER JOIN would make a workload without a fallback provider unknown.
+def test_a_nullable_key_is_a_left_join_and_caches_none_as_select_related_does(workload):
     select = prepared.Select([(Workload, None), (Provider, "fallback_provider")], "t0.id = %s")
-    with pytest.raises(ValueError, match="may be null"):
+    found = select.get([workload.pk])
+    assert found is not None  # an INNER JOIN would lose the workload without a fallback
+    assert Workload.fallback_provider.field.is_cached(found)
+    assert found.fallback_provider is None
+
+
+def test_the_runs_job_read_matches_the_orm_with_and_without_a_submitter(workload, user):
+    with_user = services.do_submit_job(workload=workload, input_text="a", user=user)[0]
+    without = services.do_submit_job(workload=workload, input_text="b", user=user)[0]
+    Job.objects.filter(pk=without.pk).update(submitted_by=None, started_at=timezone.now())
+    for job in (with_user, without):
+        found = runner._read_job(str(job.code))
+        orm = Job.objects.select_related("workload__provider", "submitted_by").get(pk=job.pk)
+        assert fields_of(found) == fields_of(orm)
+        assert fields_of(found.workload) == fields_of(orm.workload)
+        assert fields_of(found.workload.provider) == fields_of(orm.workload.provider)
+        assert Job.workload.field.is_cached(found)
+        assert Workload.provider.field.is_cached(found.workload)
+        assert Job.submitted_by.field.is_cached(found)
+        if orm.submitted_by is None:
+            assert found.submitted_by is None
+        else:
+            assert fields_of(found.submitted_by) == fields_of(orm.submitted_by)
+    assert runner._read_job("00000000-0000-0000-0000-000000000000") is None
+    assert runner._read_job("not a code") is None
+
+
+def test_a_path_that_leads_elsewhere_is_refused(db):
+    select = prepared.Select([(Job, None), (Provider, "workload")], "t0.id = %s")
+    with pytest.raises(ValueError, match="does not lead to Provider"):
         select.get([1])
