@@ -248,6 +248,15 @@ AIQUEUE_DASHBOARD_CACHE_SECONDS = env_int("AIQUEUE_DASHBOARD_CACHE_SECONDS", 2, 
 # The job lists' live updates are coalesced: one websocket frame per list per this many ms,
 # carrying every row that changed (jobs.live_batch).
 AIQUEUE_LIVE_LIST_INTERVAL_MS = env_int("AIQUEUE_LIVE_LIST_INTERVAL_MS", 250, minimum=0)
+# A live group found empty (nobody watching) counts as empty for this many ms without asking
+# Redis again (jobs.live.members). At most 1000: a page re-fetches its regions 1.5 s after its
+# socket opens to catch what changed meanwhile (static/js/live.js).
+AIQUEUE_LIVE_UNWATCHED_CACHE_MS = env_int("AIQUEUE_LIVE_UNWATCHED_CACHE_MS", 1000, minimum=0)
+if AIQUEUE_LIVE_UNWATCHED_CACHE_MS > 1000:
+    raise ImproperlyConfigured(
+        "AIQUEUE_LIVE_UNWATCHED_CACHE_MS must be <= 1000 (a page re-fetches 1.5 s after "
+        f"joining), got {AIQUEUE_LIVE_UNWATCHED_CACHE_MS}"
+    )
 AIQUEUE_METRICS_TOKEN = env_str("AIQUEUE_METRICS_TOKEN", "")
 # The environment variables a provider may name as its API key (jobs.provider_keys). Empty:
 # any name ending in _API_KEY. aiqueue's own settings are refused either way.

@@ -39,6 +39,7 @@ from typing import Any
 
 import redis
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Count, QuerySet
@@ -202,13 +203,37 @@ def _send_direct(layer, channels: list[str], message: dict[str, Any]) -> None:
     script(keys=keys, args=[*args, time.time(), int(layer.expiry)], client=client)
 
 
+# A group found empty is taken as empty for AIQUEUE_LIVE_UNWATCHED_CACHE_MS without asking
+# Redis again: most state changes happen with nobody watching, and asking was a Redis round
+# trip per publish, six per job (PERF-NOTES; on the worker's call loop each one holds every
+# run). A page that joins meanwhile is not told of what changes in that time, so its socket's
+# opening re-fetches its regions twice: at once, and again 1.5 s later (static/js/live.js,
+# RECHECK_MS; the setting is at most 1000, and tests/jobs/test_live.py keeps the two in step).
+_unwatched: dict[str, float] = {}  # group -> monotonic time until which it counts as empty
+_UNWATCHED_MAX = 20_000
+
+
+def _note_unwatched(groups: list[str], until: float) -> None:
+    if len(_unwatched) > _UNWATCHED_MAX:
+        now = time.monotonic()
+        for group in [g for g, t in _unwatched.items() if t <= now]:
+            _unwatched.pop(group, None)
+    for group in groups:
+        _unwatched[group] = until
+
+
+def forget_unwatched() -> None:
+    _unwatched.clear()
+
+
 def members(groups: list[str]) -> dict[str, list[str] | None]:
     """The groups that have at least one websocket in them right now, each with its channels
     (None where they cannot be read: a layer other than channels-redis, or Redis failing; then
     every group counts as watched and `send` takes the layer's own path).
 
     Rendering is most of a publish's cost (queries + templates), and most state changes happen
-    with nobody watching: asking Redis first makes an unwatched job cost one round trip.
+    with nobody watching: asking Redis first makes an unwatched job cost one round trip, and
+    one found unwatched costs none for AIQUEUE_LIVE_UNWATCHED_CACHE_MS after.
     channels-redis keeps each group as a sorted set of channel names scored by join time.
     """
     layer = get_channel_layer()
@@ -217,20 +242,28 @@ def members(groups: list[str]) -> dict[str, list[str] | None]:
     found = _layer_client(layer)
     if found is None:
         return dict.fromkeys(groups)
+    now = time.monotonic()
+    asked = [group for group in groups if _unwatched.get(group, 0.0) <= now]
+    if not asked:
+        return {}
     cutoff = int(time.time()) - layer.group_expiry
     try:
         with found[0].pipeline(transaction=False) as pipe:
-            for group in groups:
+            for group in asked:
                 pipe.zrangebyscore(layer._group_key(group), cutoff, "+inf")
             channels = pipe.execute()
     except Exception:
         log.warning("live: could not read group membership; publishing anyway", exc_info=True)
         return dict.fromkeys(groups)
-    return {
+    watched = {
         group: [name.decode() for name in names]
-        for group, names in zip(groups, channels, strict=True)
+        for group, names in zip(asked, channels, strict=True)
         if names
     }
+    cache_s = settings.AIQUEUE_LIVE_UNWATCHED_CACHE_MS / 1000
+    if cache_s > 0:
+        _note_unwatched([g for g in asked if g not in watched], now + cache_s)
+    return watched
 
 
 def listened(groups: list[str]) -> set[str]:

@@ -116,6 +116,18 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture(autouse=True)
+def live_groups_asked_at_every_publish(settings):
+    """In the test process a live group is asked about at every publish: tests join a group
+    right after a publish found it empty, within the second that answer would be kept. The
+    processes tests start keep the default, which the browser tests go through, and
+    tests/jobs/test_live.py tests the cache itself."""
+    from jobs import live
+
+    settings.AIQUEUE_LIVE_UNWATCHED_CACHE_MS = 0
+    live.forget_unwatched()
+
+
+@pytest.fixture(autouse=True)
 def fresh_dashboard_figures():
     """The dashboard shares its health figures for a few seconds (ops.dashboard): no test may
     see another's."""

@@ -152,11 +152,17 @@
     form.appendChild(token);
   });
 
+  // A process that found a group empty takes it as empty for a second without asking again
+  // (jobs/live.py, UNWATCHED_CACHE_S): what changed in that second after this page joined is
+  // caught by a second re-fetch once it has passed.
+  var RECHECK_MS = 1500;
   document.addEventListener("htmx:wsOpen", function (event) {
     var live = container(event);
     if (!live) return;
     setPaused(live, false);
     refresh(live);
+    clearTimeout(live.liveRecheck);
+    live.liveRecheck = setTimeout(function () { refresh(live); }, RECHECK_MS);
   });
   ["htmx:wsClose", "htmx:wsError"].forEach(function (name) {
     document.addEventListener(name, function (event) {

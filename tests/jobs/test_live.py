@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 
 import pytest
@@ -18,7 +19,7 @@ from jobs import live, services
 from jobs.models import Job, JobEvent
 from review.models import ReviewItem
 from tests.factories import make_batch, make_user, submit
-from tests.helpers import communicator, run, session_cookie
+from tests.helpers import BASE_DIR, communicator, run, session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -571,3 +572,35 @@ def test_an_idle_socket_stays_open_past_the_channel_layers_blocking_read(
         await comm.disconnect()
 
     run(scenario)
+
+
+def test_a_group_found_empty_is_not_asked_about_again_for_the_cache_time(redis_conn, settings):
+    from channels.layers import get_channel_layer
+
+    settings.AIQUEUE_LIVE_UNWATCHED_CACHE_MS = 300
+    group = live.job_group(uuid.uuid4())
+    assert live.members([group]) == {}
+
+    async def join() -> str:
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(group, channel)
+        return channel
+
+    channel = run(join)
+    # Within the cache time the group still counts as empty: no round trip to Redis.
+    assert live.members([group]) == {}
+    time.sleep(0.35)
+    assert live.members([group]) == {group: [channel]}
+    # A group with someone in it is asked about every time (only emptiness is kept).
+    run(lambda: get_channel_layer().group_discard(group, channel))
+    assert live.members([group]) == {}
+
+
+def test_a_page_re_fetches_once_more_after_the_longest_cache_time():
+    """What changed while a publisher still took a page's group as empty reaches the page by
+    its second re-fetch after its socket opened: that must come after the longest cache time
+    the settings allow."""
+    script = (BASE_DIR / "static" / "js" / "live.js").read_text()
+    recheck_ms = int(re.search(r"var RECHECK_MS = (\d+);", script).group(1))
+    assert recheck_ms >= 1000 + 250  # the settings' maximum, and a margin for the socket's join
