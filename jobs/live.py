@@ -460,9 +460,14 @@ def render_list_updates(
 # --------------------------------------------------------------------------- publishing
 
 
-def _groups(job: Job) -> list[str]:
-    """Every group that shows `job`: its own page, the lists that see it, its batch's page."""
-    groups = [job_group(job.code), *(group for group, _ in list_groups(job))]
+def _groups(job: Job, *, created: bool = False) -> list[str]:
+    """Every group that shows `job`: its own page, the lists that see it, its batch's page.
+    Not the job's own page when it was just created: its code is known to nobody until the
+    transaction that made it has committed and answered, so no page of it can be open yet
+    (and with the lists' groups found unwatched a moment ago, such a publish asks Redis
+    nothing)."""
+    own = [] if created else [job_group(job.code)]
+    groups = [*own, *(group for group, _ in list_groups(job))]
     if job.batch_id is not None:
         groups.append(batch_group(job.batch_id))
     return groups
@@ -483,14 +488,14 @@ def publish_job(job_or_pk: Job | int, *, created: bool = False) -> bool:
     try:
         watched: dict[str, list[str] | None] | None = None
         if known is not None:
-            watched = members(_groups(known))
+            watched = members(_groups(known, created=created))
             if not watched:
                 return True
         job = _job_for_render(job_pk, like=known)
         if job is None:
             return False
         if watched is None:
-            watched = members(_groups(job))
+            watched = members(_groups(job, created=created))
             if not watched:
                 return True
         sent = True

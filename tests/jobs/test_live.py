@@ -604,3 +604,17 @@ def test_a_page_re_fetches_once_more_after_the_longest_cache_time():
     script = (BASE_DIR / "static" / "js" / "live.js").read_text()
     recheck_ms = int(re.search(r"var RECHECK_MS = (\d+);", script).group(1))
     assert recheck_ms >= 1000 + 250  # the settings' maximum, and a margin for the socket's join
+
+
+def test_a_just_created_job_does_not_ask_whether_its_own_page_is_watched(
+    redis_conn, workload, user, monkeypatch
+):
+    asked: list[list[str]] = []
+    real = live.members
+    monkeypatch.setattr(live, "members", lambda groups: asked.append(groups) or real(groups))
+    job = submit(workload, user, "fresh")
+    live.publish_job(job, created=True)
+    live.publish_job(job)
+    assert asked[-2]  # the lists that see it
+    assert live.job_group(job.code) not in asked[-2]
+    assert live.job_group(job.code) in asked[-1]
