@@ -492,6 +492,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of pid and its live descendants, in seconds (a process's exited threads
+    included; exited child processes not)."""
+    total = 0
+    for one in [pid, *descendants(pid)]:
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pss_kib(pid: int, *, tree: bool = True) -> int:
     """Proportional set size (KiB) of a process, and with tree=True of all its descendants.
 

@@ -40,19 +40,24 @@ def provider_call(pk: int) -> None:
     close_old_connections()
 
 
-def enqueue(stack: Any, workload: Any, n: int) -> list[int]:
-    """n queued job rows for `workload`, each with a `provider_call` on the default queue
-    (and no aiqueue run enqueued). Returns their pks."""
-    import redis
-    from rq import Queue
-
+def make_rows(workload: Any, n: int) -> list[int]:
+    """n queued job rows for `workload`, nothing enqueued; their pks."""
     from jobs.models import Job
 
     rows = Job.objects.bulk_create(
         Job(workload=workload, input_text=f"floor text number {i}", stage="queued")
         for i in range(n)
     )
-    pks = [row.pk for row in rows]  # SQLite and PostgreSQL both return the new keys
+    return [row.pk for row in rows]  # SQLite and PostgreSQL both return the new keys
+
+
+def enqueue(stack: Any, workload: Any, n: int) -> list[int]:
+    """n queued job rows for `workload`, each with a `provider_call` on the default queue
+    (and no aiqueue run enqueued). Returns their pks."""
+    import redis
+    from rq import Queue
+
+    pks = make_rows(workload, n)
     queue = Queue("default", connection=redis.Redis.from_url(stack.redis_url))
     with queue.connection.pipeline() as pipe:
         for pk in pks:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import floor  # noqa: E402
-from bench.common import PYTHON, REPO, Stack, descendants, print_table  # noqa: E402
+from bench.common import PYTHON, REPO, Stack, cpu_seconds, print_table  # noqa: E402
 from bench.inflight import PeakPss  # noqa: E402
 
 # One virtualenv per peer: arq 0.28 wants redis-py < 6, Celery 5.7's kombu >= 6.1.
@@ -43,7 +43,6 @@ PEER_PACKAGES = {
     "arq": ["arq==0.28.0", "httpx"],
     "celery": ["celery[redis]==5.7.0", "gevent==26.9.0", "requests", "packaging"],
 }
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # A side whose count of finished jobs has not moved for this long is done with what it could.
 STUCK_S = 20
 
@@ -58,18 +57,6 @@ def peer_python(kind: str) -> str:
             [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[kind]], check=True
         )  # fmt: skip
     return str(python)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process and its live descendants."""
-    total = 0
-    for one in [pid, *descendants(pid)]:
-        try:
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total / CLOCK_TICKS
 
 
 def wait_idle(pid: int, timeout: float = 60) -> float:
@@ -90,19 +77,9 @@ class Side:
         self.name, self.args, self.env, self.enqueue = name, args, env, enqueue
 
 
-def make_rows(n: int, workload) -> list[int]:
-    from jobs.models import Job
-
-    rows = Job.objects.bulk_create(
-        Job(workload=workload, input_text=f"floor text number {i}", stage="queued")
-        for i in range(n)
-    )
-    return [row.pk for row in rows]
-
-
 def peer_enqueue(kind: str, python: str, env: dict[str, str]):
     def enqueue(stack: Stack, workload, n: int) -> list[int]:
-        pks = make_rows(n, workload)
+        pks = floor.make_rows(workload, n)
         with tempfile.NamedTemporaryFile("w", suffix=".pks", delete=False) as listing:
             listing.write("\n".join(map(str, pks)))
         subprocess.run(

@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     PYTHON,
     Stack,
+    cpu_seconds,
     descendants,
     free_port,
     percentile,
@@ -149,19 +150,6 @@ COUNTING_APPS = {
 # --- the process tree's CPU -------------------------------------------------------------------
 def tree(pid: int) -> list[int]:
     return [pid, *descendants(pid)]
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of pid and its descendants, in seconds (exited threads included)."""
-    total = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / CLK_TCK
 
 
 def thread_cpu_s(pid: int) -> dict[tuple[int, int], float]:
@@ -376,26 +364,26 @@ def measure(stack: Stack, server: Server, key: str, workload: str, options, redi
         # Idle keep-alive connections may be closed by the server (gunicorn after 2 s): the
         # measured bursts start on fresh ones.
         client.close()
-        idle0 = cpu_s(process.pid)
+        idle0 = cpu_seconds(process.pid)
         time.sleep(2.0)
-        idle = (cpu_s(process.pid) - idle0) / 2.0
+        idle = (cpu_seconds(process.pid) - idle0) / 2.0
         redis0 = commandstats(redis_client)
-        cpu0, threads0 = cpu_s(process.pid), thread_cpu_s(process.pid)
+        cpu0, threads0 = cpu_seconds(process.pid), thread_cpu_s(process.pid)
         closed = loop.run_until_complete(
             closed_loop(client, options.submissions, options.senders, 10_000)
         )
-        closed_cpu = cpu_s(process.pid) - cpu0
+        closed_cpu = cpu_seconds(process.pid) - cpu0
         by_thread = split_by_thread(threads0, thread_cpu_s(process.pid), closed_cpu)
         redis1 = commandstats(redis_client)
         threads_closed = thread_count(process.pid)
         client.close()
         time.sleep(1.0)
-        cpu0 = cpu_s(process.pid)
+        cpu0 = cpu_seconds(process.pid)
         opened_before = client.opened
         open_ = loop.run_until_complete(
             open_loop(client, options.submissions, options.rate, 100_000)
         )
-        open_cpu = cpu_s(process.pid) - cpu0
+        open_cpu = cpu_seconds(process.pid) - cpu0
         threads_open = thread_count(process.pid)
         client.close()
     finally:
