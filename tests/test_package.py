@@ -44,7 +44,8 @@ def source_files() -> set[str]:
     wanted = set()
     for init in BASE_DIR.glob("*/**/__init__.py"):
         package = init.parent.relative_to(BASE_DIR)
-        if package.parts[0] in NOT_PACKAGED or ".venv" in package.parts:
+        # var/ is the runtime data directory (and holds the peer benchmark's virtualenvs).
+        if package.parts[0] in NOT_PACKAGED | {"var"} or ".venv" in package.parts:
             continue
         wanted |= {str(package / f.name) for f in init.parent.glob("*.py")}
     for folder in ("templates", "static"):
